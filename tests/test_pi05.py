@@ -1,0 +1,149 @@
+"""pi0.5: knowledge insulation, discrete targets, dropout, the prompt format, overfitting."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_batch
+
+from convert_jax import load_openpi_params
+from pi05 import CONFIGS, Pi05, Pi05Config, discretize_state, tokenize_prompt
+
+
+def tiny(**overrides):
+    """The tiny pi0.5 with its zero-initialised adaRMS Linears made random (as the JAX fixtures
+    do): with openpi's init every gate starts at 0, which would hide the expert's gradients."""
+    torch.manual_seed(0)
+    model = Pi05(dataclasses.replace(CONFIGS["tiny"], **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".dense." in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def with_targets(batch, cfg, D=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    batch["target_tokens"] = torch.randint(3, cfg.vocab_size, (batch["state"].shape[0], D), generator=g)
+    batch["target_masks"] = torch.ones_like(batch["target_tokens"], dtype=torch.bool)
+    batch["target_masks"][0, 3:] = False  # a shorter target sequence
+    return batch
+
+
+def grads(model, loss):
+    model.zero_grad()
+    loss.backward(retain_graph=True)
+    return {n: (p.grad is not None and p.grad.abs().sum().item() > 0) for n, p in model.named_parameters()}
+
+
+def is_vlm(name):  # SigLIP, the embedding and the PaliGemma expert (expert 0)
+    return name.startswith(("vision.", "llm.embed.", "llm.experts.0."))
+
+
+def is_action_expert(name):
+    return name.startswith("llm.experts.1.") or name.startswith(("action_", "time_mlp"))
+
+
+@pytest.mark.parametrize("insulate", [True, False])
+def test_knowledge_insulation_gradients(insulate):
+    model = tiny(knowledge_insulation=insulate, dropout=0.0)
+    batch = with_targets(random_batch(model.cfg), model.cfg)
+    losses = model(batch)
+    flow = grads(model, losses["flow"])
+    vlm_with_grad = [n for n, g in flow.items() if is_vlm(n) and g]
+    if insulate:  # not one VLM weight (SigLIP, embeddings, Gemma layers) feels the flow loss
+        assert vlm_with_grad == []
+    else:
+        assert any(n.startswith("vision.") for n in vlm_with_grad)
+        assert any(n.startswith("llm.experts.0.") for n in vlm_with_grad)
+    assert all(g for n, g in flow.items() if is_action_expert(n))  # the expert always learns
+    ce = grads(model, losses["ce"])
+    assert not any(g for n, g in ce.items() if is_action_expert(n))  # CE never reaches the expert
+    assert any(g for n, g in ce.items() if n.startswith("vision."))
+
+
+def test_expert_cannot_see_the_discrete_targets():
+    model = tiny(dropout=0.0).eval()
+    batch = with_targets(random_batch(model.cfg), model.cfg)
+    noise, time = torch.randn_like(batch["actions"]), torch.tensor([0.4, 0.9])
+    flow = model(batch, noise, time)["flow"]
+    ce = model(batch, noise, time)["ce"]
+    batch["target_tokens"] = (batch["target_tokens"] + 7) % model.cfg.vocab_size
+    assert model(batch, noise, time)["flow"] == flow  # bit for bit
+    assert model(batch, noise, time)["ce"] != ce
+
+
+def test_flow_loss_equals_openpi_without_targets(jax_fixture):
+    fx = jax_fixture("pi05")
+    for insulate in (True, False):
+        model = Pi05(dataclasses.replace(fx.model_config(Pi05Config), knowledge_insulation=insulate)).eval()
+        load_openpi_params(model, fx.params)
+        noise, time = torch.from_numpy(fx.inputs["noise"]), torch.from_numpy(fx.inputs["time"])
+        losses = model(fx.batch(), noise, time)
+        np.testing.assert_allclose(losses["flow"].item(), fx.outputs["loss"].mean(), rtol=1e-4, atol=3e-4)
+        assert "ce" not in losses
+
+
+def test_samples_without_actions_train_only_the_vlm():
+    model = tiny(dropout=0.0)
+    batch = with_targets(random_batch(model.cfg), model.cfg)
+    batch["action_masks"] = torch.zeros_like(batch["actions"], dtype=torch.bool)  # e.g. VQA only
+    losses = model(batch)
+    assert losses["flow"].item() == 0
+    g = grads(model, losses["loss"])
+    assert not any(v for n, v in g.items() if is_action_expert(n))
+    assert any(v for n, v in g.items() if n.startswith("llm.experts.0."))
+
+
+def test_target_zero_is_predicted_from_the_last_real_prompt_token():
+    """Padding between prompt and targets must not matter: pad the prompt more, same CE."""
+    model = tiny(dropout=0.0).eval()
+    batch = with_targets(random_batch(model.cfg), model.cfg)
+    ce = model(batch)["ce"]
+    longer = dict(batch)
+    pad = torch.zeros(2, 9, dtype=torch.long)
+    longer["tokens"] = torch.cat([batch["tokens"], pad], 1)
+    longer["token_masks"] = torch.cat([batch["token_masks"], pad.bool()], 1)
+    torch.testing.assert_close(model(longer)["ce"], ce, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_only_in_train_mode():
+    model = tiny(dropout=0.3)
+    batch = random_batch(model.cfg)
+    noise, time = torch.randn_like(batch["actions"]), torch.tensor([0.4, 0.9])
+    model.train()
+    a, b = model(batch, noise, time)["flow"], model(batch, noise, time)["flow"]
+    assert a != b
+    model.eval()
+    assert model(batch, noise, time)["flow"] == model(batch, noise, time)["flow"]
+    off = tiny(dropout=0.0).train()
+    assert off(batch, noise, time)["flow"] == off(batch, noise, time)["flow"]
+
+
+def test_prompt_format_with_discrete_state(tiny_sp):
+    state = np.array([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0])
+    np.testing.assert_array_equal(discretize_state(state), [-1, 0, 128, 255, 255, 255])
+    tokens, mask = tokenize_prompt(tiny_sp, " insert_the peg", state[:3], max_len=64)
+    text = "Task: insert the peg, State: -1 0 128;\nAction: "
+    expected = tiny_sp.encode(text, add_bos=True)
+    assert tokens[:mask.sum()].tolist() == expected and tiny_sp.decode(expected) == text
+    # pi05_libero: no state, pi0's prompt
+    tokens, mask = tokenize_prompt(tiny_sp, "insert the peg", state, max_len=64, discrete_state=False)
+    assert tokens[:mask.sum()].tolist() == tiny_sp.encode("insert the peg", add_bos=True) + tiny_sp.encode("\n")
+
+
+def test_tiny_pi05_overfits_a_few_samples():
+    model = tiny(dropout=0.0)
+    batch = with_targets(random_batch(model.cfg, B=4), model.cfg)
+    noise, time = torch.randn_like(batch["actions"]), torch.rand(4) * 0.999 + 0.001
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(batch, noise, time)
+    for _ in range(150):
+        loss = model(batch, noise, time)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = model(batch, noise, time)
+    assert last["flow"] < first["flow"] / 10, (first["flow"], last["flow"])
+    assert last["ce"] < first["ce"] / 10, (first["ce"], last["ce"])
