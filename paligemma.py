@@ -284,15 +284,20 @@ class Gemma(nn.Module):
         """Next-token logits from expert-0 outputs with the tied embedding table (no scaling)."""
         return h @ self.embed.weight.t().to(h.dtype)  # (B, T, vocab)
 
-    def forward(self, xs, positions, attn_mask, conds=None, kv_cache=None, return_kv=False):
+    def forward(self, xs, positions, attn_mask, conds=None, kv_cache=None, return_kv=False,
+                write_at=None):
         """Run the experts' streams through all layers with joint attention.
 
         xs: one entry per expert, (B, T_e, W_e) or None if that expert has no tokens in this call.
         positions: (B, T) RoPE positions of the present streams, concatenated in expert order.
         attn_mask: (B, T, S) bool [query, key], S = cached tokens + T.
         conds: per expert, the adaRMS condition (B, C) or None.
-        kv_cache: per layer (k, v), each (B, S - T, K, H), post-RoPE keys of earlier tokens
-          (e.g. the prefix). They are read, never modified.
+        kv_cache: per layer (k, v), post-RoPE keys and values of earlier tokens. Two uses:
+          write_at=None: a read-only cache, each (B, S - T, K, H), put in front of this call's
+            keys (pi0's prefix: every denoising step reads it, none changes it);
+          write_at=i: a preallocated static cache, each (B, S, K, H); this call's keys are
+            written in place at [i, i + T) and the whole buffer is attended to (autoregressive
+            decoding, where attn_mask hides the slots not written yet).
         Returns (outs, kv): outs per expert after the final norm (None where xs was None);
           kv = per layer (k, v) of THIS call's tokens if return_kv, else None.
         """
@@ -319,9 +324,13 @@ class Gemma(nn.Module):
             k = rope(k, positions)
             if return_kv:
                 new_kv.append((k, v))
-            if kv_cache is not None:  # earlier tokens go in front; the cache itself is untouched
+            if kv_cache is not None and write_at is None:  # earlier tokens go in front
                 k = torch.cat([kv_cache[i][0], k], dim=1)  # (B, S, K, H)
                 v = torch.cat([kv_cache[i][1], v], dim=1)
+            elif kv_cache is not None:  # static cache: write in place, read the whole buffer
+                kv_cache[i][0][:, write_at:write_at + k.shape[1]] = k
+                kv_cache[i][1][:, write_at:write_at + v.shape[1]] = v
+                k, v = kv_cache[i]  # (B, S, K, H)
             out = attention(q, k, v, attn_mask)  # (B, T, N*H)
             # 3. split back; each expert applies its own output projection, residual and MLP
             for e, layer, o, gate in zip(present, layers, out.split(lengths, dim=1), gates):

@@ -282,12 +282,13 @@ def tokenize_prompt(sp, prompt, max_len):
     return pad_tokens(sp.encode(clean, add_bos=True) + sp.encode("\n"), max_len)
 
 
-def save_pretrained(model, path, norm_stats=None, extra_files=()):
+def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=None):
     """Write a checkpoint directory atomically: model.safetensors, config.json, norm_stats.json.
 
     Everything goes to a temporary sibling first, then one rename publishes it, so a crash
     never leaves a half-written checkpoint. An existing directory is replaced only at the end.
-    extra_files: paths copied in verbatim (e.g. a tokenizer model).
+    norm_stats: {"state": {"mean": ..., ...}, "actions": ...} (lists or arrays).
+    extra_files: paths copied in verbatim (e.g. a tokenizer model); json_files: {name: object}.
     """
     import shutil
 
@@ -302,9 +303,13 @@ def save_pretrained(model, path, norm_stats=None, extra_files=()):
         json.dump(model.cfg.to_dict(), f, indent=2)
     if norm_stats is not None:
         with open(os.path.join(tmp, "norm_stats.json"), "w") as f:
-            json.dump({"norm_stats": norm_stats}, f, indent=2)
+            json.dump({"norm_stats": {k: {s: np.asarray(v, np.float64).tolist() for s, v in d.items()}
+                                      for k, d in norm_stats.items()}}, f, indent=2)
     for extra in extra_files:
         shutil.copy(extra, tmp)
+    for name, obj in (json_files or {}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=2)
     if os.path.exists(path):  # swap: old -> .old, new -> path, then drop the old one
         os.replace(path, f"{path}.old-{os.getpid()}")
         os.replace(tmp, path)
@@ -333,6 +338,9 @@ def from_pretrained(path, map_location="cpu"):
     from safetensors.torch import load_file
     with open(os.path.join(path, "config.json")) as f:
         cfg_dict = json.load(f)
+    if cfg_dict.get("model") == "pi0_fast":
+        from pi0_fast import from_pretrained as from_pretrained_fast
+        return from_pretrained_fast(path, map_location)
     if cfg_dict.get("model") == "pi05":
         from pi05 import Pi05, Pi05Config
         model = Pi05(Pi05Config.from_dict(cfg_dict))
