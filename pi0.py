@@ -217,7 +217,7 @@ class Pi0(nn.Module):
             loss = (per_step * counts).sum() / counts.sum().clamp(min=1)
         else:
             loss = per_step.mean()
-        return {"loss": loss, "flow": loss.detach()}
+        return {"loss": loss, "flow": loss}
 
     # -- sampling ------------------------------------------------------------------------------
 
