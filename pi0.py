@@ -282,13 +282,14 @@ def tokenize_prompt(sp, prompt, max_len):
     return pad_tokens(sp.encode(clean, add_bos=True) + sp.encode("\n"), max_len)
 
 
-def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=None):
+def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=None, state_dict=None):
     """Write a checkpoint directory atomically: model.safetensors, config.json, norm_stats.json.
 
     Everything goes to a temporary sibling first, then one rename publishes it, so a crash
     never leaves a half-written checkpoint. An existing directory is replaced only at the end.
     norm_stats: {"state": {"mean": ..., ...}, "actions": ...} (lists or arrays).
     extra_files: paths copied in verbatim (e.g. a tokenizer model); json_files: {name: object}.
+    state_dict: the weights to write, if not model.state_dict() (e.g. LoRA merged into them).
     """
     import shutil
 
@@ -297,8 +298,10 @@ def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=Non
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(state, os.path.join(tmp, "model.safetensors"))
+    os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)  # safetensors writes it owner-only
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(model.cfg.to_dict(), f, indent=2)
     if norm_stats is not None:

@@ -108,10 +108,13 @@ class Pi0Fast(nn.Module):
         loss_mask = batch["token_loss_masks"][:, 1:].to(nll.dtype)
         return (nll * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1)
 
-    def forward(self, batch):
-        """Training entry point: a dict of scalar losses; "loss" is the one to minimise."""
+    def forward(self, batch, **unused):
+        """Training entry point: a dict of scalar losses; "loss" is the one to minimise.
+
+        (unused: the noise and time train.py draws for the flow-matching models.)
+        """
         loss = self.compute_loss(batch).mean()
-        return {"loss": loss, "ce": loss.detach()}
+        return {"loss": loss, "ce": loss}
 
     @torch.no_grad()
     def sample_tokens(self, batch, max_decoding_steps=None, return_logits=False):
@@ -168,12 +171,13 @@ def right_align(tokens, mask, attn_mask):
 # ----------------------------------------------------------------------------------------------
 # Prompt format (openpi's FASTTokenizer) and reading actions back out of decoded tokens
 
-def tokenize(sp, fast, prompt, state, actions, max_len, vocab_size=PALIGEMMA_VOCAB_SIZE):
+def tokenize(sp, fast, prompt, state, actions, max_len, vocab_size=PALIGEMMA_VOCAB_SIZE, clip=False):
     """One example -> (tokens, token_mask, ar_mask, loss_mask), each (max_len,).
 
     prefix:  BOS + "Task: {prompt}, State: {bins};\\n"          (ar 0, no loss)
     postfix: "Action: " + FAST ids in PaliGemma + "|" + EOS    (ar 1, loss) -- only if actions
     state is the normalized, unpadded state; actions the normalized (C, A) chunk or None.
+    clip=True clips DCT coefficients outside the tokenizer's range instead of raising.
     """
     from pi05 import discretize_state  # the same 256 bins as pi0.5
     clean = prompt.lower().strip().replace("_", " ")
@@ -181,7 +185,7 @@ def tokenize(sp, fast, prompt, state, actions, max_len, vocab_size=PALIGEMMA_VOC
     prefix = sp.encode(f"Task: {clean}, State: {bins};\n", add_bos=True)
     postfix = []
     if actions is not None:
-        fast_ids = fast_to_paligemma(np.asarray(fast.encode(actions)), fast.vocab_size, vocab_size)
+        fast_ids = fast_to_paligemma(np.asarray(fast.encode(actions, clip=clip)), fast.vocab_size, vocab_size)
         postfix = sp.encode("Action: ") + fast_ids.tolist() + sp.encode("|", add_eos=True)
     ids = prefix + postfix
     if len(ids) > max_len:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 # ---------------------------------------------------------------------------------------------
 # Knobs: every one of them, with what it does.
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.add_argument("--model", choices=["pi0", "pi05"], default="pi05", help="which model to train")
+p.add_argument("--model", choices=["pi0", "pi05", "pi0_fast"], default="pi05", help="which model to train")
 p.add_argument("--config", default="tiny", help="model preset: tiny (CPU demo, tests) or full (openpi's sizes)")
 p.add_argument("--data", nargs="*", default=None,
                help="datasets (LeRobot dir, HDF5 file or dir), each optionally PATH:WEIGHT; none = the built-in task")
@@ -57,7 +57,9 @@ p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="auto
 p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2")
 p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per Gemma layer")
 p.add_argument("--freeze", default="", help="comma list of parts not to train: vision, llm (the PaliGemma expert)")
-p.add_argument("--fast", type=int, default=1, help="pi0.5: co-train the VLM on FAST tokens of the actions (knowledge insulation)")
+p.add_argument("--lora", default="", help="comma list of Gemma experts to train by LoRA only: llm, expert")
+p.add_argument("--lora-rank", default="16,32", help="LoRA rank for llm,expert (openpi: 16 and 32; alpha = rank)")
+p.add_argument("--fast", type=int, default=1, help="pi0.5: co-train the VLM on FAST tokens of the actions (knowledge insulation); pi0-FAST: always")
 p.add_argument("--knowledge-insulation", type=int, default=1, help="pi0.5: stop the flow loss's gradient at the VLM")
 p.add_argument("--fast-tokenizer", default=None, help="FAST tokenizer file or HF dir (default: fit one on the data)")
 p.add_argument("--max-fast-tokens", type=int, default=128, help="pi0.5: length of the FAST target sequence")
@@ -124,8 +126,10 @@ def draw_noise_and_time(step, global_batch, shape, seed, device):
 def build_model(a, world):
     if a.model == "pi0":
         from pi0 import CONFIGS, Pi0 as Model
-    else:
+    elif a.model == "pi05":
         from pi05 import CONFIGS, Pi05 as Model
+    else:
+        from pi0_fast import CONFIGS, Pi0Fast as Model
     if a.init:
         with open(os.path.join(a.init, "config.json")) as f:
             cfg = type(CONFIGS["tiny"]).from_dict(json.load(f))
@@ -143,7 +147,7 @@ def build_model(a, world):
 
 def main(a):
     ddp, rank, world, device = setup_distributed()
-    torch.manual_seed(a.seed + rank)  # init is overwritten by rank 0's weights under DDP
+    torch.manual_seed(a.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
     out = a.out or os.path.join("runs", a.model)
     ckpt_dir, final_dir = os.path.join(out, "checkpoint"), os.path.join(out, "final")
     # -- data ------------------------------------------------------------------------------------
@@ -168,21 +172,32 @@ def main(a):
                                os.path.join(paths[0], "tokenizer.model"))
     sp = load_sentencepiece(tok_path)
     use_quantiles = a.model != "pi0"  # openpi: z-score for pi0, quantiles otherwise
+    fast_model = a.model == "pi0_fast"  # pi0-FAST: no padding; the actions become prompt tokens
     transforms = []
     for ds, path in zip(datasets, paths):
         stats = a.norm_stats or os.path.join(path.partition(":")[0] if not os.path.exists(path) else path, "norm_stats.json")
         if not os.path.exists(stats):
             raise FileNotFoundError(f"{stats}: no norm stats; run `python data.py stats {path} --out {stats}`")
         transforms.append(data.Transforms(
-            tokenize=prompt_function(cfg, sp), cameras=list(ds.cameras), norm_stats=stats,
-            use_quantiles=use_quantiles, state_dim=cfg.action_dim, action_dim=cfg.action_dim,
+            tokenize=fast_prefix(cfg, sp) if fast_model else prompt_function(cfg, sp),
+            cameras=list(ds.cameras), norm_stats=stats,
+            use_quantiles=use_quantiles, state_dim=None if fast_model else cfg.action_dim,
+            action_dim=None if fast_model else cfg.action_dim,
             image_size=cfg.vision.image_size))
     fast = None
-    if a.model == "pi05" and a.fast:
+    if fast_model:
+        fast = fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out)
+        cfg = dataclasses.replace(cfg, fast_vocab_size=fast.vocab_size, action_dim=int(datasets[0].actions.shape[1]))
+        transforms = [WithFastPrompt(t, fast, sp, cfg) for t in transforms]
+        terms = {"ce": None}  # a mean per example, then over examples (openpi's)
+    elif a.model == "pi05" and a.fast:
         fast = fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out)
         transforms = [WithFastTargets(t, fast, sp, cfg, a.max_fast_tokens) for t in transforms]
-    elif a.model == "pi05" and cfg.knowledge_insulation:
-        print0("note: knowledge insulation without --fast targets: the VLM gets no gradient at all")
+        terms = {"flow": "action_masks", "ce": "target_masks"}
+    else:
+        terms = {"flow": "action_masks"}
+        if a.model == "pi05" and cfg.knowledge_insulation:
+            print0("note: knowledge insulation without --fast targets: the VLM gets no gradient at all")
     mixture = data.Mixture(datasets, transforms, weights)
     if a.batch_size % (world * a.grad_accum):
         raise ValueError(f"--batch-size {a.batch_size} must divide by world size {world} x --grad-accum {a.grad_accum}")
@@ -195,21 +210,28 @@ def main(a):
         from pi0 import from_pretrained
         model.load_state_dict(from_pretrained(a.init).state_dict())
     model.to(device)
+    torch.manual_seed(a.seed + 1 + rank)  # from here on (dropout) each rank draws its own numbers
     for part in filter(None, a.freeze.split(",")):
         module = {"vision": model.vision, "llm": model.llm.experts[0]}[part]
         module.requires_grad_(False)
+    if a.lora:
+        ranks = dict(zip(["llm", "expert"], map(int, a.lora_rank.split(","))))
+        for part in a.lora.split(","):
+            expert = model.llm.experts[{"llm": 0, "expert": 1}[part]]
+            add_lora(expert, ranks[part], alpha=ranks[part])
     if a.checkpointing:
         for expert in model.llm.experts:
             for layer in expert.layers:
                 layer.mlp = checkpointed(layer.mlp)
     raw = model
     if a.fsdp:
+        # Sharding units must be modules that are *called*: each SigLIP block is; the Gemma layers
+        # are not (the joint layer is a loop in Gemma.forward, and the embedding is a method), so
+        # the Gemma experts belong to the root unit. Parameters, gradients and AdamW state are all
+        # sharded; only the language model's forward/backward holds its full weights at once.
         from torch.distributed.fsdp import fully_shard
         for block in model.vision.blocks:
             fully_shard(block)
-        for expert in model.llm.experts:
-            for layer in expert.layers:
-                fully_shard(layer)
         fully_shard(model)
     elif ddp:
         # pi0's last-layer prefix weights, and the whole VLM under knowledge insulation without
@@ -250,13 +272,13 @@ def main(a):
         # in the whole global batch: the gradients (which DDP averages over ranks) are then exactly
         # those of one mean over the global batch, whatever the padding on each rank.
         counts, shares = {}, {}
-        for term, key in MASK_OF.items():
-            if key in batch:
-                counts[term] = batch[key].flatten(1).sum(1).float().view(a.grad_accum, micro).sum(1)
-                total = counts[term].sum()
-                if ddp:
-                    dist.all_reduce(total)
-                shares[term] = counts[term] / total.clamp(min=1)  # (grad_accum,)
+        for term, key in terms.items():  # key None: the term is a mean over examples
+            per_example = batch[key].flatten(1).sum(1).float() if key else torch.ones(len(batch["state"]), device=device)
+            counts[term] = per_example.view(a.grad_accum, micro).sum(1)
+            total = counts[term].sum()
+            if ddp:
+                dist.all_reduce(total)
+            shares[term] = counts[term] / total.clamp(min=1)  # (grad_accum,)
         sums = {}
         for m in range(a.grad_accum):
             part = slice(m * micro, (m + 1) * micro)
@@ -306,10 +328,11 @@ def main(a):
             print0(f"stopping after step {step} as asked (--stop-after)")
             break
     bar.close()
-    if step == a.steps and rank == 0:
-        export(final_dir, raw, ema, transforms[0], [tok_path] + extra_fast(a, fast), use_quantiles, datasets[0])
+    if step == a.steps:
+        export(final_dir, raw, ema, transforms[0], [tok_path] + extra_fast(a, fast), use_quantiles,
+               datasets[0], rank)
         print0(f"loss {first_loss} -> {last.get('loss')}; exported {final_dir} (EMA weights)")
-        if builtin and a.eval_episodes:
+        if builtin and a.eval_episodes and rank == 0:
             import sim
             from infer import Policy
             summary = sim.evaluate(Policy(final_dir), "builtin", episodes=a.eval_episodes, seed=10_000)
@@ -318,7 +341,73 @@ def main(a):
         dist.destroy_process_group()
 
 
-MASK_OF = {"flow": "action_masks", "ce": "target_masks"}  # loss term -> the mask of its entries
+def fast_prefix(cfg, sp):
+    """pi0-FAST's prompt without the answer (WithFastPrompt adds it once actions are normalized)."""
+    from pi0_fast import tokenize
+    return lambda prompt, state: tokenize(sp, None, prompt, state, None, cfg.max_token_len, cfg.vocab_size)[:2]
+
+
+class LoRALinear(torch.nn.Linear):
+    """A frozen Linear plus a trainable low-rank update: y = x W^T + (alpha / r) x A^T B^T.
+
+    B starts at zero, so training starts from the pretrained model exactly. The frozen weight
+    keeps its name ("weight"), so merging (W += (alpha / r) B A) gives the plain model back.
+    """
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.weight.requires_grad_(False)
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, linear.in_features, device=linear.weight.device)
+                                         / math.sqrt(linear.in_features))
+        self.lora_b = torch.nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_a), self.lora_b)
+        return super().forward(x) + update * self.scale
+
+    def merged_weight(self):
+        return self.weight + self.scale * (self.lora_b @ self.lora_a)
+
+
+def add_lora(expert, rank, alpha):
+    """LoRA on every attention and MLP projection of one Gemma expert (openpi's targets);
+    its other weights (the norms) are frozen too."""
+    expert.requires_grad_(False)
+    for layer in expert.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            setattr(layer, name, LoRALinear(getattr(layer, name), rank, alpha))
+
+
+def merged_state(model):
+    """The state dict with every LoRA update merged into its weight: the plain model's names."""
+    state = dict(full_state(model))
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[f"{name}.weight"] = module.merged_weight().detach().cpu()
+            del state[f"{name}.lora_a"], state[f"{name}.lora_b"]
+    return state
+
+
+class WithFastPrompt:
+    """pi0-FAST training: the prompt tokens carry the answer, "Action: " + FAST tokens + "|" EOS,
+    as a causal postfix with a loss mask (pi0_fast.tokenize, openpi's exact format)."""
+
+    def __init__(self, transforms, fast, sp, cfg):
+        self.transforms, self.fast, self.sp, self.cfg = transforms, fast, sp, cfg
+
+    def __getattr__(self, name):
+        return getattr(self.transforms, name)
+
+    def __call__(self, sample):
+        from pi0_fast import tokenize
+        out = self.transforms(sample)
+        tokens, mask, ar, loss = tokenize(self.sp, self.fast, sample["prompt"], out["state"], out["actions"],
+                                          self.cfg.max_token_len, self.cfg.vocab_size, clip=True)
+        out.update(tokens=tokens, token_masks=mask, token_ar_masks=ar, token_loss_masks=loss)
+        return out
 
 
 class WithFastTargets:
@@ -416,13 +505,16 @@ def save_training_state(path, model, opt, ema, loader, step, rank, world, a, sp_
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
+    merged = merged_state(model)  # collectives: every rank takes part, rank 0 writes
+    names = [n for n, _ in model.named_parameters()]
+    ema_full = None if ema is None else dict(zip(names, [full_tensor(e).cpu() for e in ema]))
     if rank != 0:
         return
-    save_pretrained(model, path, norm_stats=stats, extra_files=[sp_path] + extra_fast(a, fast))
+    save_pretrained(model, path, norm_stats=stats, extra_files=[sp_path] + extra_fast(a, fast),
+                    state_dict=merged)
     tmp = os.path.join(path, "train_state.pt.tmp")
-    names = [n for n, _ in model.named_parameters()]
     torch.save({"step": step, "optimizer": opt_state, "rng": rngs, "data": loader.state_dict(),
-                "ema": None if ema is None else dict(zip(names, [e.cpu() for e in ema])),
+                "ema": ema_full,
                 "args": vars(a), "weights": state}, tmp)
     os.replace(tmp, os.path.join(path, "train_state.pt"))
 
@@ -437,7 +529,11 @@ def load_training_state(path, model, opt, ema, loader, rank):
                              options=StateDictOptions(full_state_dict=True, strict=False))
     if ema is not None:
         for e, (name, _) in zip(ema, model.named_parameters()):
-            e.copy_(state["ema"][name])
+            saved = state["ema"][name].to(e.device)
+            if hasattr(e, "device_mesh"):  # FSDP2: keep this rank's shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+                saved = distribute_tensor(saved, e.device_mesh, e.placements)
+            e.copy_(saved)
     rng = state["rng"][rank]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None:
@@ -454,8 +550,14 @@ def extra_fast(a, fast):
         [os.path.join(a.out or os.path.join("runs", a.model), "fast_tokenizer.json")]
 
 
-def export(path, model, ema, transforms, files, use_quantiles, dataset):
-    """The inference checkpoint: EMA weights (if any), norm stats, tokenizer, policy.json."""
+def full_tensor(t):
+    """The whole tensor behind an FSDP2 shard (a collective), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def export(path, model, ema, transforms, files, use_quantiles, dataset, rank=0):
+    """The inference checkpoint: EMA weights (if any), norm stats, tokenizer, policy.json.
+    Every rank calls it (gathering FSDP shards is collective); rank 0 writes."""
     if ema is not None:
         backup = [p.detach().clone() for p in model.parameters()]
         with torch.no_grad():
@@ -463,8 +565,10 @@ def export(path, model, ema, transforms, files, use_quantiles, dataset):
                 p_.copy_(e)
     policy = {"cameras": list(transforms.cameras), "use_quantiles": use_quantiles, "delta_mask": None,
               "action_dim": int(dataset.actions.shape[1]), "state_dim": int(dataset.state.shape[1])}
-    save_pretrained(model, path, norm_stats=transforms.norm_stats, extra_files=files,
-                    json_files={"policy.json": policy})
+    merged = merged_state(model)
+    if rank == 0:
+        save_pretrained(model, path, norm_stats=transforms.norm_stats, extra_files=files,
+                        json_files={"policy.json": policy}, state_dict=merged)
     if ema is not None:
         with torch.no_grad():
             for p_, b in zip(model.parameters(), backup):
