@@ -60,6 +60,9 @@ def prompt_function(cfg, sp):
         from pi05 import tokenize_prompt
         return lambda prompt, state: tokenize_prompt(sp, prompt, state, cfg.max_token_len,
                                                      cfg.discrete_state_input)
+    if cfg.model == "pi0_fast":  # the prompt alone; the model writes "Action: ..." itself
+        from pi0_fast import tokenize
+        return lambda prompt, state: tokenize(sp, None, prompt, state, None, cfg.max_token_len, cfg.vocab_size)[:2]
     raise ValueError(f"no prompt function for model {cfg.model!r}")
 
 
@@ -319,11 +322,33 @@ class Policy:
             self.settings = json.load(f)
         self.sp = load_sentencepiece(os.path.join(self.path, "tokenizer.model"))
         s = self.settings
+        width = None if cfg.model == "pi0_fast" else cfg.action_dim  # pi0-FAST pads nothing
         self.transforms = data.Transforms(
             tokenize=prompt_function(cfg, self.sp), cameras=s["cameras"],
             norm_stats=os.path.join(self.path, "norm_stats.json"), use_quantiles=s["use_quantiles"],
-            delta_mask=s.get("delta_mask"), state_dim=cfg.action_dim, action_dim=cfg.action_dim,
+            delta_mask=s.get("delta_mask"), state_dim=width, action_dim=width,
             image_size=cfg.vision.image_size)
+        if cfg.model == "pi0_fast":
+            self.sample = self.sample_fast
+            from fast_tokenizer import FASTTokenizer
+            self.fast = FASTTokenizer.load(os.path.join(self.path, "fast_tokenizer.json"))
+        self.valid = None  # pi0-FAST: per example, whether the answer decoded to a real chunk
+
+    def sample_fast(self, batch, noise=None):
+        """pi0-FAST: greedy tokens -> action chunks. An answer that does not decode is flagged in
+        self.valid (and a warning), never silently turned into zeros for the robot."""
+        import warnings
+
+        from pi0_fast import extract_actions
+        cfg = self.model.cfg
+        tokens = self.model.sample_tokens(batch).cpu().numpy()
+        out = [extract_actions(self.sp, self.fast, t, cfg.action_horizon, cfg.action_dim, cfg.vocab_size)
+               for t in tokens]
+        self.valid = np.array([v for _, v in out])
+        if not self.valid.all():
+            warnings.warn(f"pi0-FAST answers {np.flatnonzero(~self.valid).tolist()} did not decode to "
+                          f"action chunks; their actions are a best effort (see Policy.valid)")
+        return torch.from_numpy(np.stack([a for a, _ in out]))
 
     def infer_batch(self, observations, noise=None):
         """A list of observations -> (N, C, A_robot) float32 actions."""

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -84,6 +85,14 @@ def test_pi0_fast_trains_and_exports(dataset, tmp_path):
                "--lr", "2e-3", "--warmup", "5", "--log-every", "10"], tmp_path / "fast")
     assert log[-1]["loss"] < log[0]["loss"] / 1.5
     assert os.path.exists(tmp_path / "fast" / "final" / "fast_tokenizer.json")
+    from infer import Policy  # the exported checkpoint serves: chunks of the robot's width, flagged
+    policy = Policy(tmp_path / "fast" / "final")
+    obs = data.open_dataset(dataset, chunk_size=6)[0]
+    with warnings.catch_warnings():  # an undertrained model's answers may not decode
+        warnings.simplefilter("ignore")
+        actions = policy.infer_batch([obs, obs])
+    assert actions.shape == (2, 6, 2) and np.isfinite(actions).all()
+    assert policy.valid.shape == (2,) and policy.valid.dtype == bool
 
 
 def test_lora_trains_only_adapters_and_merges_exactly():
