@@ -69,7 +69,7 @@ p.add_argument("--save-every", type=int, default=1000, help="steps between check
 p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
 p.add_argument("--seed", type=int, default=0, help="seed of the data stream, noise, time and init")
 p.add_argument("--eval-episodes", type=int, default=100, help="closed-loop episodes at the end (built-in task)")
-p.add_argument("--demo-episodes", type=int, default=200, help="built-in task: demonstrations to generate")
+p.add_argument("--demo-episodes", type=int, default=500, help="built-in task: demonstrations to generate")
 p.add_argument("--stop-after", type=int, default=None, help="exit after this step (to test --resume)")
 args = p.parse_args() if __name__ == "__main__" else None
 
@@ -146,6 +146,7 @@ def build_model(a, world):
 
 
 def main(a):
+    t_start = time.time()
     ddp, rank, world, device = setup_distributed()
     torch.manual_seed(a.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
     out = a.out or os.path.join("runs", a.model)
@@ -155,8 +156,8 @@ def main(a):
     paths = a.data or [os.path.join("runs", "builtin_demos")]
     if builtin:
         import sim
-        if rank == 0 and not os.path.exists(os.path.join(paths[0], "norm_stats.json")):
-            sim.write_demos(paths[0], episodes=a.demo_episodes, seed=a.seed)
+        if rank == 0 and not os.path.exists(os.path.join(paths[0], "tokenizer.model")):  # cached
+            sim.main(["demos", "--episodes", str(a.demo_episodes), "--out", paths[0]])
         if ddp:
             dist.barrier()
     datasets, weights = [], []
@@ -335,8 +336,10 @@ def main(a):
         if builtin and a.eval_episodes and rank == 0:
             import sim
             from infer import Policy
-            summary = sim.evaluate(Policy(final_dir), "builtin", episodes=a.eval_episodes, seed=10_000)
-            print0(f"built-in task: success {summary['success_rate']:.1%} over {a.eval_episodes} episodes")
+            r = sim.evaluate(Policy(final_dir), "builtin", episodes=a.eval_episodes, progress=False)
+            print0(f"built-in task, {r['episodes']} unseen episodes: success {r['success_rate']:.1%} "
+                   f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean length {r['mean_length']:.1f} steps, "
+                   f"{r['infer_ms_per_call']:.0f} ms per policy call; wall time {time.time() - t_start:.0f} s")
     if ddp:
         dist.destroy_process_group()
 
