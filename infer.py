@@ -663,6 +663,39 @@ def serve_forever(args):
     asyncio.run(main())
 
 
+# ----------------------------------------------------------------------------------------------
+# plot: predicted vs recorded action chunks, one panel per action dimension (pillow only)
+
+def plot(args):
+    """Draw, for a few frames of a dataset, the recorded chunk (grey) and the predicted one (colour)."""
+    from PIL import Image, ImageDraw
+    policy = Policy(args.checkpoint, device=args.device or "cpu", num_steps=args.steps)
+    ds = data.open_dataset(args.data, chunk_size=policy.model.cfg.action_horizon)
+    frames = np.linspace(0, len(ds) - 1, args.frames).astype(int)
+    samples = [ds[int(i)] for i in frames]
+    torch.manual_seed(0)
+    predicted = policy.infer_batch(samples)  # (F, C, A)
+    recorded = np.stack([s["actions"] for s in samples])
+    F_, C, A = predicted.shape
+    cell_w, cell_h, pad = 260, 110, 24
+    img = Image.new("RGB", (cell_w * A, (cell_h + pad) * F_ + pad), "white")
+    draw = ImageDraw.Draw(img)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for d in range(A):
+        lo = min(predicted[..., d].min(), recorded[..., d].min())
+        hi = max(predicted[..., d].max(), recorded[..., d].max()) + 1e-6
+        for f in range(F_):
+            x0, y0 = d * cell_w + 8, pad + f * (cell_h + pad)
+            to_xy = lambda c, v: (x0 + c * (cell_w - 16) / max(1, C - 1), y0 + (hi - v) / (hi - lo) * cell_h)
+            draw.rectangle([x0, y0, x0 + cell_w - 16, y0 + cell_h], outline=(200, 200, 200))
+            draw.text((x0, y0 - 14), f"frame {frames[f]}  dim {d}", fill="black")
+            for chunk, colour, width in ((recorded[f], (150, 150, 150), 3), (predicted[f], colours[f % 5], 2)):
+                draw.line([to_xy(c, chunk[c, d]) for c in range(C)], fill=colour, width=width)
+    img.save(args.out)
+    err = np.abs(predicted - recorded).mean()
+    print(f"wrote {args.out}: {F_} frames x {A} dims, grey recorded, colour predicted; mean |error| {err:.4f}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -686,8 +719,12 @@ if __name__ == "__main__":
         p.add_argument("--device", help="default: cuda if available, else cpu")
         p.add_argument("--compile", default=None, help='torch.compile mode ("default", "max-autotune", ...)')
         p.add_argument("--cuda-graph", action="store_true", help="one CUDA graph over the denoising loop")
+    pl = sub.add_parser("plot", help="predicted vs recorded action chunks, per dimension")
+    pl.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    pl.add_argument("--data", required=True, help="dataset (LeRobot dir or HDF5 file / dir)")
+    pl.add_argument("--out", default="actions.png", help="PNG to write")
+    pl.add_argument("--frames", type=int, default=4, help="frames spread over the dataset")
+    pl.add_argument("--steps", type=int, default=10, help="Euler steps")
+    pl.add_argument("--device", help="default: cpu")
     args = parser.parse_args()
-    if args.command == "bench":
-        bench(args)
-    else:
-        serve_forever(args)
+    {"bench": bench, "serve": serve_forever, "plot": plot}[args.command](args)

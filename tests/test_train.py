@@ -62,6 +62,13 @@ def test_grad_accumulation_equals_one_big_batch(dataset, tmp_path):
     one = run(common(dataset, "pi0"), tmp_path / "one")
     acc = run(common(dataset, "pi0") + ["--grad-accum", "2"], tmp_path / "acc")
     np.testing.assert_allclose([r["loss"] for r in acc], [r["loss"] for r in one], rtol=2e-5, atol=2e-6)
+    # the exported checkpoint plots its predictions against the recorded chunks
+    res = subprocess.run([sys.executable, "infer.py", "plot", "--checkpoint", str(tmp_path / "one" / "final"),
+                          "--data", str(dataset), "--out", str(tmp_path / "plot.png")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from PIL import Image
+    assert Image.open(tmp_path / "plot.png").size[0] > 100
 
 
 def test_bf16_autocast_keeps_fp32_master_weights_and_optimizer_state(dataset, tmp_path):
