@@ -62,14 +62,14 @@ p.add_argument("--lora-rank", default="16,32", help="LoRA rank for llm,expert (o
 p.add_argument("--fast", type=int, default=1, help="pi0.5: co-train the VLM on FAST tokens of the actions (knowledge insulation); pi0-FAST: always")
 p.add_argument("--knowledge-insulation", type=int, default=1, help="pi0.5: stop the flow loss's gradient at the VLM")
 p.add_argument("--fast-tokenizer", default=None, help="FAST tokenizer file or HF dir (default: fit one on the data)")
-p.add_argument("--max-fast-tokens", type=int, default=128, help="pi0.5: length of the FAST target sequence")
+p.add_argument("--max-fast-tokens", type=int, default=128, help="pi0.5: most FAST target slots per sample (fewer if the data needs fewer)")
 p.add_argument("--chunk", type=int, default=None, help="action horizon C (default: the config's)")
 p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
 p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
 p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
 p.add_argument("--seed", type=int, default=0, help="seed of the data stream, noise, time and init")
 p.add_argument("--eval-episodes", type=int, default=100, help="closed-loop episodes at the end (built-in task)")
-p.add_argument("--demo-episodes", type=int, default=500, help="built-in task: demonstrations to generate")
+p.add_argument("--demo-episodes", type=int, default=3000, help="built-in task: demonstrations to generate")
 p.add_argument("--stop-after", type=int, default=None, help="exit after this step (to test --resume)")
 args = p.parse_args() if __name__ == "__main__" else None
 
@@ -193,7 +193,9 @@ def main(a):
         terms = {"ce": None}  # a mean per example, then over examples (openpi's)
     elif a.model == "pi05" and a.fast:
         fast = fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out)
-        transforms = [WithFastTargets(t, fast, sp, cfg, a.max_fast_tokens) for t in transforms]
+        length = fast_target_length(a, fast, datasets, transforms)
+        print0(f"FAST targets: {length} slots per sample")
+        transforms = [WithFastTargets(t, fast, sp, cfg, length) for t in transforms]
         terms = {"flow": "action_masks", "ce": "target_masks"}
     else:
         terms = {"flow": "action_masks"}
@@ -320,7 +322,7 @@ def main(a):
             if log:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                tqdm.write(" ".join(f"{k} {v}" for k, v in rec.items()))
+                (tqdm.write if not bar.disable else print0)(" ".join(f"{k} {v}" for k, v in rec.items()))
             t0 = time.perf_counter()
         if step % a.save_every == 0 or step == a.steps or step == a.stop_after:
             save_training_state(ckpt_dir, raw, opt, ema, loader, step, rank, world, a, sp_path=tok_path,
@@ -460,6 +462,17 @@ def fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out):
     fast = FASTTokenizer.load(path)
     print0(f"FAST tokenizer: vocab {fast.vocab_size}, fitted on {datasets[0].__class__.__name__} chunks -> {path}")
     return fast
+
+
+def fast_target_length(a, fast, datasets, transforms):
+    """Target slots for pi0.5's FAST tokens: the longest of a sample of chunks + "|" EOS, with
+    25% headroom, at most --max-fast-tokens. Padding every sample to the cap would triple the VLM's
+    sequence for nothing."""
+    ds, t = datasets[0], transforms[0]
+    rows = np.random.default_rng(a.seed).choice(len(ds), size=min(len(ds), 2000), replace=False)
+    chunks = data.normalize(ds.action_chunks(rows)[0], t.norm_stats["actions"], t.use_quantiles, "actions")
+    longest = max(len(fast.encode(c, clip=True)) for c in chunks) + 2
+    return min(a.max_fast_tokens, int(math.ceil(longest * 1.25)))
 
 
 class nullcontext:

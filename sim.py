@@ -1,0 +1,501 @@
+"""A built-in task that proves the whole loop on a laptop, and closed-loop evaluation of policies.
+
+The task ("reach"): a 2D table seen from above by one 56x56 camera, with three large objects of
+distinct colours (red, green, blue, yellow; each a ball or a square) at random places, and the
+agent, a small black disc. The prompt names one object ("reach the red ball", "go to the blue
+square"); the others are distractors, so a policy must read the colour word AND find that colour
+in the image. Success: the agent's centre is on the named object and so is the point it heads
+for (it has arrived and stays; a random walk that crosses the object does not count).
+
+    camera "top"   uint8 (56, 56, 3); x to the right, y up, the table is [-1, 1]^2
+    state  (2,)    the agent's x, y in [-1, 1]
+    action (2,)    the point x, y the agent heads for; it moves there by at most MAX_SPEED a step
+    fps 10, at most MAX_STEPS = 25 steps; episodes are reproducible from their seed
+
+Actions are absolute targets, as in gym-pusht (a position controller follows them): the scripted
+expert commands the named object's centre at every step, so its chunks are constant and a
+policy needs no arithmetic on the state, only to find the object. That matters for pi0.5, which
+reads the state as text: 256 bin tokens whose embeddings a model trained from scratch must learn.
+
+Evaluation follows openpi's action-chunk broker: ask the policy for a chunk of actions, execute
+its first n_action_steps, then ask again. Episodes run in lockstep, so one policy call serves all
+live episodes. Any object with `infer_batch(observations, noise=None) -> (N, C, A)` is a policy:
+infer.py's Policy, or ExpertPolicy / RandomPolicy below. gym-pusht and gym-aloha run through the
+same loop with adapters (optional extras: pip install gym-pusht / gym-aloha).
+
+Command line:
+    python sim.py demos --episodes 3000 --out demos/reach    # HDF5 episodes + norm_stats.json + tokenizer.model
+    python sim.py eval --checkpoint ckpt/ --env builtin --episodes 200 [--seed S --n-action-steps K --out DIR]
+    python sim.py eval --checkpoint ckpt/ --env pusht --episodes 50 --camera observation.image
+    python sim.py eval --expert --env builtin            # the scripted expert, no checkpoint needed
+
+Axis legend: N live episodes, C chunk (actions per policy call), A action dim, H/W image size.
+"""
+
+import argparse
+import importlib
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data import HDF5Dataset, compute_norm_stats, save_norm_stats, write_hdf5_episode
+
+# ----------------------------------------------------------------------------------------------
+# The built-in task
+
+COLOURS = {"red": (225, 35, 35), "green": (30, 170, 60), "blue": (35, 80, 230), "yellow": (240, 195, 20)}
+SHAPES = ("ball", "square")
+TEMPLATES = ("reach the {}", "go to the {}", "move to the {}")
+BACKGROUND, AGENT_COLOUR = (225, 225, 225), (20, 20, 20)
+IMAGE_SIZE, SUPERSAMPLE = 56, 2   # rendered at 112 px and averaged down: smooth edges, sub-pixel motion
+NUM_OBJECTS = 3
+OBJECT_RADIUS = 0.25              # table units: 7 px at 56 px, a ball is as wide as a 14-px ViT patch
+AGENT_RADIUS = 0.08
+MAX_SPEED = 0.1                   # per step: the expert needs at most ~17 steps
+MAX_STEPS = 25
+FPS = 10
+DEMO_SEED, EVAL_SEED = 0, 1_000_000  # demos use seeds 0.., evaluation 10^6..: held-out layouts
+
+
+def cap_speed(delta):
+    """Scale a displacement down to length MAX_SPEED if it is longer (the agent's top speed)."""
+    norm = float(np.linalg.norm(delta))
+    return delta if norm <= MAX_SPEED else delta * (MAX_SPEED / norm)
+
+
+class ReachEnv:
+    """One episode of the reach task at a time: reset(seed) -> obs; step(action) -> (obs, success, done)."""
+    name, cameras, state_dim, action_dim, fps, max_steps = "builtin", ("top",), 2, 2, FPS, MAX_STEPS
+    action_low, action_high = -1.0, 1.0
+
+    def __init__(self, camera="top"):
+        self.camera = camera
+        n = IMAGE_SIZE * SUPERSAMPLE
+        centres = (np.arange(n) + 0.5) / n * 2 - 1
+        self.x, self.y = np.meshgrid(centres, -centres)  # pixel centres in table units, (n, n) each
+
+    def reset(self, seed):
+        rng = np.random.default_rng(seed)
+        names = rng.choice(list(COLOURS), NUM_OBJECTS, replace=False)
+        self.objects = [(str(c), str(rng.choice(SHAPES))) for c in names]
+        # rejection sampling: objects well apart, the agent away from all of them
+        while True:
+            self.positions = rng.uniform(-0.7, 0.7, (NUM_OBJECTS, 2))
+            gaps = np.linalg.norm(self.positions[:, None] - self.positions[None], axis=-1)
+            if gaps[np.triu_indices(NUM_OBJECTS, 1)].min() >= 0.65:
+                break
+        while True:
+            self.agent = rng.uniform(-0.8, 0.8, 2)
+            if np.linalg.norm(self.positions - self.agent, axis=-1).min() >= 0.6:
+                break
+        self.target = int(rng.integers(NUM_OBJECTS))
+        colour, shape = self.objects[self.target]
+        self.prompt = str(rng.choice(TEMPLATES)).format(f"{colour} {shape}")
+        self.t = 0
+        # the objects never move: draw them once, at the supersampled size
+        self.scene = np.empty((*self.x.shape, 3), np.float32)
+        self.scene[:] = BACKGROUND
+        for (colour, shape), (cx, cy) in zip(self.objects, self.positions):
+            if shape == "ball":
+                inside = (self.x - cx) ** 2 + (self.y - cy) ** 2 <= OBJECT_RADIUS ** 2
+            else:  # a square of the ball's area
+                half = OBJECT_RADIUS * math.sqrt(math.pi) / 2
+                inside = np.maximum(abs(self.x - cx), abs(self.y - cy)) <= half
+            self.scene[inside] = COLOURS[colour]
+        return self.observation()
+
+    def render(self):
+        """The top camera: uint8 (56, 56, 3), the agent drawn over the objects."""
+        img = self.scene.copy()
+        img[(self.x - self.agent[0]) ** 2 + (self.y - self.agent[1]) ** 2 <= AGENT_RADIUS ** 2] = AGENT_COLOUR
+        s = SUPERSAMPLE
+        img = img.reshape(IMAGE_SIZE, s, IMAGE_SIZE, s, 3).mean(axis=(1, 3))  # (56, 56, 3)
+        return np.round(img).astype(np.uint8)
+
+    def observation(self):
+        return {"images": {self.camera: self.render()}, "state": self.agent.astype(np.float32),
+                "prompt": self.prompt}
+
+    def step(self, action):
+        action = np.asarray(action, np.float64)
+        if action.shape != (2,) or not np.isfinite(action).all():
+            raise ValueError(f"builtin env: action must be 2 finite numbers (x, y), got {action!r}")
+        point = np.clip(action, -1.0, 1.0)
+        self.agent = self.agent + cap_speed(point - self.agent)
+        self.t += 1
+        target = self.positions[self.target]
+        success = max(np.linalg.norm(target - self.agent), np.linalg.norm(target - point)) <= OBJECT_RADIUS
+        return self.observation(), success, success or self.t >= self.max_steps
+
+    def expert_action(self):
+        """The scripted expert: head for the named object's centre (a straight line at top speed)."""
+        return self.positions[self.target].copy()
+
+    def close(self):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference policies: anything with infer_batch(observations, noise=None) -> (N, C, A)
+
+
+class ExpertPolicy:
+    """The scripted expert, seeing only what a model sees: the colour word of the prompt picks
+    the object, and the centre of its pixels in the image is every action of the chunk. It
+    proves the task is solvable from the observation alone."""
+
+    def __init__(self, chunk_size=6, camera="top"):
+        self.chunk_size, self.camera = chunk_size, camera
+
+    def infer_batch(self, observations, noise=None):
+        chunks = []
+        for obs in observations:
+            colour = next((c for c in COLOURS if c in obs["prompt"].split()), None)
+            if colour is None:
+                raise ValueError(f"ExpertPolicy: no colour of {list(COLOURS)} in prompt {obs['prompt']!r}")
+            image = obs["images"][self.camera].astype(np.int32)
+            rows, cols = np.nonzero((abs(image - COLOURS[colour]) < 40).all(axis=-1))
+            if len(rows) == 0:
+                raise ValueError(f"ExpertPolicy: no {colour} pixels in camera '{self.camera}'")
+            centre = [(cols.mean() + 0.5) / IMAGE_SIZE * 2 - 1, 1 - (rows.mean() + 0.5) / IMAGE_SIZE * 2]
+            chunks.append([centre] * self.chunk_size)
+        return np.array(chunks, np.float32)  # (N, C, 2)
+
+
+class RandomPolicy:
+    """Uniform random actions in [low, high], drawn from torch's global generator (as a flow
+    policy draws its noise), so evaluate()'s seeding makes it reproducible."""
+
+    def __init__(self, low, high, action_dim, chunk_size=6):
+        self.low, self.high, self.action_dim, self.chunk_size = low, high, action_dim, chunk_size
+
+    def infer_batch(self, observations, noise=None):
+        u = torch.rand(len(observations), self.chunk_size, self.action_dim, dtype=torch.float64).numpy()
+        return (self.low + u * (self.high - self.low)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters for gym-pusht and gym-aloha: the same reset / step interface as ReachEnv
+
+
+def _require(module, pip_name):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"this environment needs the optional extra '{pip_name}': pip install {pip_name}") from e
+
+
+class GymAdapter:
+    """A gymnasium env with obs {"pixels": image or {camera: image}, "agent_pos": state} seen as
+    our observation dict; success is info["is_success"]."""
+
+    def __init__(self, env, camera, prompt, max_steps):
+        self.env, self.camera, self.prompt, self.max_steps = env, camera, prompt, max_steps
+
+    def observation(self, raw):
+        pixels = raw["pixels"]
+        image = next(iter(pixels.values())) if isinstance(pixels, dict) else pixels
+        return {"images": {self.camera: np.ascontiguousarray(image)},
+                "state": np.asarray(raw["agent_pos"], np.float32), "prompt": self.prompt}
+
+    def reset(self, seed):
+        raw, _ = self.env.reset(seed=seed)
+        return self.observation(raw)
+
+    def step(self, action):
+        action = np.asarray(action, np.float32)
+        if action.shape != (self.action_dim,) or not np.isfinite(action).all():
+            raise ValueError(f"{self.name}: action must be {self.action_dim} finite numbers, got shape {action.shape}")
+        raw, _, terminated, truncated, info = self.env.step(action)
+        return self.observation(raw), bool(info["is_success"]), bool(terminated or truncated)
+
+    def close(self):
+        self.env.close()
+
+
+class PushTEnv(GymAdapter):
+    """gym-pusht in LeRobot's lerobot/pusht layout: camera 96x96 (observation.image), state = the
+    agent's x, y in pixels of the 512x512 table, action = the absolute target x, y (a PD
+    controller follows it). Success: the T covers 95% of its goal. 10 fps, 300 steps."""
+    name, state_dim, action_dim, fps = "pusht", 2, 2, 10
+    action_low, action_high = 0.0, 512.0
+
+    def __init__(self, camera="observation.image", prompt="Push the T-shaped block onto the T-shaped target.",
+                 max_steps=300, image_size=96):
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        gym = _require("gymnasium", "gym-pusht")
+        _require("gym_pusht", "gym-pusht")  # registers gym_pusht/PushT-v0
+        env = gym.make("gym_pusht/PushT-v0", obs_type="pixels_agent_pos", render_mode="rgb_array",
+                       observation_width=image_size, observation_height=image_size,
+                       max_episode_steps=max_steps, disable_env_checker=True)
+        super().__init__(env, camera, prompt, max_steps)
+        self.cameras = (camera,)
+
+
+class AlohaEnv(GymAdapter):
+    """gym-aloha in LeRobot's aloha_sim layout: one camera (observation.images.top), state and
+    action = 14 joint positions (6 + gripper per arm). Success: reward 4 (cube handed over /
+    peg inserted). 50 fps, 400 steps as LeRobot evaluates.
+
+    Speed: gym-aloha renders three 480x640 cameras every step; we render only "top", at
+    image_size (same 3:4 aspect; the policy resizes with padding anyway), with shadows and
+    multisampling off, headless through EGL (MUJOCO_GL=egl; osmesa works without a GPU, slowly)."""
+    name, state_dim, action_dim, fps = "aloha", 14, 14, 50
+    action_low, action_high = -1.0, 1.0
+    PROMPTS = {"transfer_cube": "Pick up the cube with the right arm and transfer it to the left arm.",
+               "insertion": "Insert the peg into the socket."}
+
+    def __init__(self, camera="observation.images.top", prompt=None, max_steps=400, task="transfer_cube",
+                 image_size=(240, 320)):
+        if task not in self.PROMPTS:
+            raise ValueError(f"gym-aloha task {task!r}: one of {list(self.PROMPTS)}")
+        os.environ.setdefault("MUJOCO_GL", "egl")  # read when dm_control is first imported
+        gym = _require("gymnasium", "gym-aloha")
+        _require("gym_aloha", "gym-aloha")
+        gym_id = {"transfer_cube": "gym_aloha/AlohaTransferCube-v0", "insertion": "gym_aloha/AlohaInsertion-v0"}[task]
+        env = gym.make(gym_id, obs_type="pixels_agent_pos", max_episode_steps=max_steps, disable_env_checker=True)
+        dm_env = env.unwrapped._env                    # the dm_control Environment inside
+        physics, dm_task = dm_env.physics, dm_env.task
+        physics.model.light_castshadow[:] = 0          # each shadow is one more render pass per light
+        physics.model.vis.quality.offsamples = 0       # no MSAA (read when the GL context is made)
+        height, width = image_size
+        dm_task.get_observation = lambda physics: {   # replaces 3 cameras at 480x640 with 1 camera
+            "qpos": dm_task.get_qpos(physics),
+            "images": {"top": physics.render(height=height, width=width, camera_id="top")}}
+        super().__init__(env, camera, prompt or self.PROMPTS[task], max_steps)
+        self.cameras = (camera,)
+
+
+def make_env(name, **kwargs):
+    envs = {"builtin": ReachEnv, "pusht": PushTEnv, "aloha": AlohaEnv}
+    if name not in envs:
+        raise ValueError(f"unknown env {name!r}: one of {list(envs)}")
+    return envs[name](**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-loop evaluation
+
+
+def wilson_interval(successes, n, z=1.96):
+    """95% Wilson score interval of a success rate: honest near 0 and 1 and for small n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_steps=5, *, batch_size=100,
+             record=0, progress=True, env_kwargs=None):
+    """Run `episodes` seeded episodes (seeds seed, seed+1, ...) in closed loop, batch_size at a time.
+
+    Every live episode of a batch replans at the same step, so each replan is one infer_batch call
+    on all of them. torch's global generator is seeded with `seed`: a policy that samples noise
+    from it gives the same results run after run. With record > 0 the first `record` episodes'
+    camera frames come back under "videos" (not JSON: pop it before saving)."""
+    if n_action_steps < 1 or episodes < 1 or batch_size < 1:
+        raise ValueError(f"need n_action_steps, episodes and batch_size >= 1, got {n_action_steps}, "
+                         f"{episodes}, {batch_size}")
+    torch.manual_seed(seed)
+    results, videos = [], []
+    infer_s, step_s, calls, chunks = 0.0, 0.0, 0, 0
+    bar = tqdm(total=episodes, desc=f"eval {env_name}", disable=not progress)
+    for first in range(0, episodes, batch_size):
+        seeds = list(range(seed + first, seed + min(episodes, first + batch_size)))
+        envs = [make_env(env_name, **(env_kwargs or {})) for _ in seeds]
+        obs = [env.reset(s) for env, s in zip(envs, seeds)]
+        frames = [[o["images"][envs[0].cameras[0]]] for o in obs[:max(0, record - first)]]
+        queue, length, live = [[] for _ in seeds], [0] * len(seeds), list(range(len(seeds)))
+        while live:
+            need = [j for j in live if not queue[j]]  # all live episodes, since they run in lockstep
+            if need:
+                t0 = time.perf_counter()
+                actions = np.asarray(policy.infer_batch([obs[j] for j in need]))  # (N, C, A)
+                infer_s, calls, chunks = infer_s + time.perf_counter() - t0, calls + 1, chunks + len(need)
+                if actions.ndim != 3 or len(actions) != len(need) or actions.shape[2] != envs[0].action_dim:
+                    raise ValueError(f"policy returned actions of shape {actions.shape}, expected "
+                                     f"({len(need)}, chunk, {envs[0].action_dim}) for env {env_name}")
+                for j, chunk in zip(need, actions):
+                    queue[j] = list(chunk[:n_action_steps])
+            t0 = time.perf_counter()
+            for j in list(live):
+                obs[j], success, done = envs[j].step(queue[j].pop(0))
+                length[j] += 1
+                if j < len(frames):
+                    frames[j].append(obs[j]["images"][envs[j].cameras[0]])
+                if done:
+                    live.remove(j)
+                    results.append(dict(seed=seeds[j], success=bool(success), length=length[j],
+                                        prompt=obs[j]["prompt"]))
+                    bar.update(1)
+            step_s += time.perf_counter() - t0
+        for env in envs:
+            env.close()
+        videos += [(f, r) for f, r in zip(frames, sorted(results[first:], key=lambda r: r["seed"]))]
+    bar.close()
+    results.sort(key=lambda r: r["seed"])
+    total_steps = sum(r["length"] for r in results)
+    k = sum(r["success"] for r in results)
+    lo, hi = wilson_interval(k, episodes)
+    out = dict(env=env_name, episodes=episodes, seed=seed, n_action_steps=n_action_steps, successes=k,
+               success_rate=k / episodes, ci95=[lo, hi], mean_length=total_steps / episodes,
+               infer_ms_per_call=1000 * infer_s / max(calls, 1), infer_ms_per_chunk=1000 * infer_s / max(chunks, 1),
+               env_ms_per_step=1000 * step_s / max(total_steps, 1), policy_calls=calls, results=results)
+    if record:
+        out["videos"] = videos[:record]
+    return out
+
+
+def save_gif(videos, path, fps=FPS, tile=224):
+    """Episodes side by side, each under its prompt; a finished episode holds its last frame
+    inside a green (success) or red (failure) border."""
+    height = max(round(tile * frames[0].shape[0] / frames[0].shape[1]) for frames, _ in videos)
+    gif = []
+    for s in range(max(len(frames) for frames, _ in videos)):
+        canvas = Image.new("RGB", (tile * len(videos), height + 14), "white")
+        draw = ImageDraw.Draw(canvas)
+        for k, (frames, result) in enumerate(videos):
+            frame = frames[min(s, len(frames) - 1)]
+            size = (tile, round(tile * frame.shape[0] / frame.shape[1]))
+            canvas.paste(Image.fromarray(frame).resize(size, Image.NEAREST), (k * tile, 14))
+            draw.text((k * tile + 3, 1), result["prompt"][:36], fill="black")
+            if s >= len(frames) - 1:
+                colour = (40, 200, 60) if result["success"] else (220, 40, 40)
+                draw.rectangle([k * tile, 14, (k + 1) * tile - 1, height + 13], outline=colour, width=3)
+        gif.append(canvas)
+    gif[0].save(path, save_all=True, append_images=gif[1:], duration=int(1000 / fps), loop=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Demonstrations: expert episodes as HDF5, norm stats, and a tiny tokenizer
+
+
+def pi05_prompt_text(prompt, bins):
+    """pi0.5's prompt string (pi05.tokenize_prompt), here only to train the tokenizer on it."""
+    return f"Task: {prompt}, State: {' '.join(str(b) for b in bins)};\nAction: "
+
+
+def train_tokenizer(path, vocab_size=512, seed=0):
+    """A tiny SentencePiece model shaped like PaliGemma's (pad 0, EOS 1, BOS 2, "\\n" one piece,
+    no dummy prefix, byte fallback), trained offline on every prompt of the task in every
+    prompt format of the project: pi0 (the bare prompt), pi0.5 and pi0-FAST (with state bins,
+    every number -1..255 many times) and FAST's "Action: ... |". Returns the processor."""
+    spm = _require("sentencepiece", "sentencepiece")
+    rng = np.random.default_rng(seed)
+    prompts = [t.format(f"{c} {s}") for t in TEMPLATES for c in COLOURS for s in SHAPES]
+    sentences = []
+    for i in range(6000):
+        bins = rng.integers(-1, 256, size=rng.integers(1, 9))
+        sentences += [prompts[i % len(prompts)], pi05_prompt_text(prompts[i % len(prompts)], bins), "Action: |"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        user_defined_symbols=["\n"], byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        split_by_unicode_script=False, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    Path(path).write_bytes(buf.getvalue())
+    return spm.SentencePieceProcessor(model_proto=buf.getvalue())
+
+
+def record_demos(out, episodes, seed=DEMO_SEED, progress=True):
+    """Expert episodes -> out/episode_NNNNN.hdf5 (ALOHA layout: /observations/qpos, /action,
+    /observations/images/top; root attrs prompt and fps). Returns the expert's success count."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    env, successes = ReachEnv(), 0
+    for i in tqdm(range(episodes), desc="demos", disable=not progress):
+        obs, done, success = env.reset(seed + i), False, False
+        states, actions, images = [], [], []
+        while not done:
+            action = env.expert_action()
+            states.append(obs["state"]), actions.append(action), images.append(obs["images"]["top"])
+            obs, success, done = env.step(action)
+        successes += success
+        write_hdf5_episode(out / f"episode_{i:05d}.hdf5", np.array(states), np.array(actions),
+                           {"top": np.array(images)}, prompt=env.prompt, fps=FPS)
+    return successes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The built-in reach task: demos and closed-loop evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demos = sub.add_parser("demos", help="write expert episodes, norm_stats.json and tokenizer.model")
+    demos.add_argument("--episodes", type=int, default=3000,
+                       help="expert episodes (distinct layouts: 500 are memorised, 3000 generalise)")
+    demos.add_argument("--out", required=True, help="output folder")
+    demos.add_argument("--seed", type=int, default=DEMO_SEED, help="episode i uses seed + i")
+    demos.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size")
+    ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
+    ev.add_argument("--checkpoint", help="checkpoint directory (infer.Policy)")
+    ev.add_argument("--expert", action="store_true", help="builtin only: evaluate the scripted expert instead")
+    ev.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha"])
+    ev.add_argument("--episodes", type=int, default=100, help="number of seeded episodes")
+    ev.add_argument("--seed", type=int, default=EVAL_SEED, help="episode i uses seed + i (demos use 0..)")
+    ev.add_argument("--n-action-steps", type=int, default=5, help="actions executed per chunk before replanning")
+    ev.add_argument("--batch-size", type=int, default=100, help="episodes run at once (one policy call)")
+    ev.add_argument("--device", default="cpu", help="device of the policy")
+    ev.add_argument("--camera", default=None, help="the policy's camera name for the env's camera")
+    ev.add_argument("--prompt", default=None, help="pusht / aloha: the prompt (default: LeRobot's task)")
+    ev.add_argument("--max-steps", type=int, default=None, help="pusht / aloha: episode limit")
+    ev.add_argument("--aloha-task", default="transfer_cube", choices=["transfer_cube", "insertion"])
+    ev.add_argument("--gif", type=int, default=4, help="episodes shown in the GIF (0: none)")
+    ev.add_argument("--out", default=None, help="folder for eval.json and eval.gif")
+    args = parser.parse_args(argv)
+
+    if args.command == "demos":
+        t0 = time.perf_counter()
+        expert = record_demos(args.out, args.episodes, args.seed)
+        dataset = HDF5Dataset(args.out, chunk_size=1)
+        save_norm_stats(compute_norm_stats(dataset, progress=False), Path(args.out) / "norm_stats.json")
+        sp = train_tokenizer(Path(args.out) / "tokenizer.model", args.vocab_size)
+        longest = max(len(sp.encode(pi05_prompt_text(p, [-1, 255]), add_bos=True)) for p in dataset.tasks)
+        rand = evaluate(RandomPolicy(-1.0, 1.0, 2), "builtin", 200, EVAL_SEED, progress=False)
+        print(f"wrote {args.episodes} episodes ({len(dataset)} frames, mean length "
+              f"{len(dataset) / args.episodes:.1f}), norm_stats.json, tokenizer.model ({sp.get_piece_size()} "
+              f"pieces; longest pi0.5 prompt {longest} tokens) to {args.out} in {time.perf_counter() - t0:.1f} s")
+        print(f"expert success {expert}/{args.episodes}; random policy {rand['successes']}/200 "
+              f"(95% CI {rand['ci95'][0]:.2f}-{rand['ci95'][1]:.2f})")
+        return
+
+    env_kwargs = {} if args.camera is None else {"camera": args.camera}
+    if args.env != "builtin":
+        env_kwargs.update({k: v for k, v in dict(prompt=args.prompt, max_steps=args.max_steps).items() if v})
+    if args.env == "aloha":
+        env_kwargs["task"] = args.aloha_task
+    if args.expert:
+        if args.env != "builtin":
+            raise ValueError("--expert exists for the builtin env only")
+        policy, name = ExpertPolicy(camera=args.camera or "top"), "scripted expert"
+    elif args.checkpoint:
+        from infer import Policy  # the model stack is imported only when a checkpoint is evaluated
+        policy, name = Policy(args.checkpoint, device=args.device), args.checkpoint
+    else:
+        raise ValueError("give --checkpoint DIR (or --expert for the builtin env)")
+    r = evaluate(policy, args.env, args.episodes, args.seed, args.n_action_steps, batch_size=args.batch_size,
+                 record=args.gif, env_kwargs=env_kwargs)
+    videos = r.pop("videos", [])
+    print(f"{name} on {args.env}: success {r['successes']}/{r['episodes']} = {r['success_rate']:.1%} "
+          f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean episode length {r['mean_length']:.1f} steps")
+    print(f"inference {r['infer_ms_per_call']:.1f} ms per call ({r['infer_ms_per_chunk']:.2f} ms per chunk), "
+          f"env {r['env_ms_per_step']:.2f} ms per step, {r['policy_calls']} calls, n_action_steps {r['n_action_steps']}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "eval.json").write_text(json.dumps(dict(r, checkpoint=args.checkpoint), indent=2))
+        if videos:
+            fps = {"builtin": FPS, "pusht": 10, "aloha": 50}[args.env]
+            save_gif(videos, Path(args.out) / "eval.gif", fps=min(fps, 25))
+        print(f"wrote {Path(args.out) / 'eval.json'}" + (f" and {Path(args.out) / 'eval.gif'}" if videos else ""))
+
+
+if __name__ == "__main__":
+    main()
