@@ -51,9 +51,10 @@ class Pi05Config(Pi0Config):
 
 CONFIGS = {
     "full": Pi05Config(),  # openpi's pi0.5: So400m + Gemma 2B + Gemma 300M expert
+    # tiny: tests and the built-in task (whose longest prompt, state bins included, is 14 tokens)
     "tiny": Pi05Config(vision=SIGLIP_PRESETS["tiny"], llm=GEMMA_PRESETS["tiny_llm"],
                        expert=GEMMA_PRESETS["tiny_expert"], vocab_size=1024, action_dim=8,
-                       action_horizon=6, max_token_len=48),
+                       action_horizon=6, max_token_len=24),
 }
 
 
