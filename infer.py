@@ -25,7 +25,6 @@ C chunk, A action dim, W expert width, N query heads, K kv heads, H head dim, L 
 
 import argparse
 import json
-import math
 import os
 import time
 

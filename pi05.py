@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, GemmaConfig, SiglipConfig, make_attn_mask, make_positions
+from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, make_attn_mask, make_positions
 from pi0 import Pi0, Pi0Config, pad_tokens, posemb_sincos, sample_time
 from pi0 import tokenize_prompt as tokenize_prompt_pi0
 

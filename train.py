@@ -18,11 +18,11 @@ uninterrupted one.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -123,7 +123,7 @@ def draw_noise_and_time(step, global_batch, shape, seed, device):
     return noise.to(device), time.to(device)
 
 
-def build_model(a, world):
+def build_model(a):
     if a.model == "pi0":
         from pi0 import CONFIGS, Pi0 as Model
     elif a.model == "pi05":
@@ -161,22 +161,24 @@ def main(a):
         if ddp:
             dist.barrier()
     datasets, weights = [], []
-    Model, cfg = build_model(a, world)
+    Model, cfg = build_model(a)
+    roots = []  # dataset paths without their ":weight"
     for spec in paths:
-        path, _, weight = spec.partition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
+        path, _, weight = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
+        roots.append(path)
         datasets.append(data.open_dataset(path, chunk_size=cfg.action_horizon))
         weights.append(float(weight) if weight else None)
     weights = None if all(w is None for w in weights) else [w or 1.0 for w in weights]
     if not a.init:  # from scratch: the model's views are the first dataset's cameras
         cfg = dataclasses.replace(cfg, cameras=tuple(datasets[0].cameras))
     tok_path = a.tokenizer or (os.path.join(a.init, "tokenizer.model") if a.init else
-                               os.path.join(paths[0], "tokenizer.model"))
+                               os.path.join(roots[0], "tokenizer.model"))
     sp = load_sentencepiece(tok_path)
     use_quantiles = a.model != "pi0"  # openpi: z-score for pi0, quantiles otherwise
     fast_model = a.model == "pi0_fast"  # pi0-FAST: no padding; the actions become prompt tokens
     transforms = []
-    for ds, path in zip(datasets, paths):
-        stats = a.norm_stats or os.path.join(path.partition(":")[0] if not os.path.exists(path) else path, "norm_stats.json")
+    for ds, path in zip(datasets, roots):
+        stats = a.norm_stats or os.path.join(path, "norm_stats.json")
         if not os.path.exists(stats):
             raise FileNotFoundError(f"{stats}: no norm stats; run `python data.py stats {path} --out {stats}`")
         transforms.append(data.Transforms(
@@ -287,7 +289,7 @@ def main(a):
             part = slice(m * micro, (m + 1) * micro)
             mb = {k: v[part] for k, v in batch.items()}
             sync = m == a.grad_accum - 1 or not ddp or a.fsdp
-            ctx = model.no_sync() if not sync else nullcontext()
+            ctx = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, autocast:
                 losses = model(mb, noise=noise[part], time=time_[part])
                 objective = sum(weights[t] * losses[t] * shares[t][m] for t in shares)
@@ -473,14 +475,6 @@ def fast_target_length(a, fast, datasets, transforms):
     chunks = data.normalize(ds.action_chunks(rows)[0], t.norm_stats["actions"], t.use_quantiles, "actions")
     longest = max(len(fast.encode(c, clip=True)) for c in chunks) + 2
     return min(a.max_fast_tokens, int(math.ceil(longest * 1.25)))
-
-
-class nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def checkpointed(fn):
