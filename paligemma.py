@@ -342,6 +342,24 @@ class Gemma(nn.Module):
         return outs, new_kv
 
 
+# ----------------------------------------------------------------------------------------------
+# Weight loading (shared by every model file)
+
+def load_state_strict(model, state):
+    """Load a state dict, naming every missing, unexpected or misshapen tensor (no silent init)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError("checkpoint does not fit the model:\n"
+                         + "".join(f"  missing: {k}\n" for k in missing)
+                         + "".join(f"  unexpected: {k}\n" for k in unexpected)
+                         + "".join(f"  shape: {s}\n" for s in shapes))
+    model.load_state_dict(state)
+
+
 if __name__ == "__main__":
     # A tiny smoke run: two experts of different widths share attention.
     torch.manual_seed(0)

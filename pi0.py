@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paligemma import (GEMMA_PRESETS, PALIGEMMA_VOCAB_SIZE, SIGLIP_PRESETS, Gemma, GemmaConfig,
-                       SigLIP, SiglipConfig, make_attn_mask, make_positions)
+                       SigLIP, SiglipConfig, load_state_strict, make_attn_mask, make_positions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,21 +319,6 @@ def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=Non
         shutil.rmtree(f"{path}.old-{os.getpid()}")
     else:
         os.replace(tmp, path)
-
-
-def load_state_strict(model, state):
-    """Load a state dict, naming every missing, unexpected or misshapen tensor (no silent init)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError("checkpoint does not fit the model:\n"
-                         + "".join(f"  missing: {k}\n" for k in missing)
-                         + "".join(f"  unexpected: {k}\n" for k in unexpected)
-                         + "".join(f"  shape: {s}\n" for s in shapes))
-    model.load_state_dict(state)
 
 
 def from_pretrained(path, map_location="cpu"):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from fast_tokenizer import fast_to_paligemma, paligemma_to_fast
 from paligemma import (GEMMA_PRESETS, PALIGEMMA_VOCAB_SIZE, SIGLIP_PRESETS, Gemma, GemmaConfig,
-                       SigLIP, SiglipConfig, make_attn_mask, make_positions)
+                       SigLIP, SiglipConfig, load_state_strict, make_attn_mask, make_positions)
 
 EOS, BOS, PAD = 1, 2, 0  # PaliGemma's special ids
 
@@ -179,9 +179,10 @@ def tokenize(sp, fast, prompt, state, actions, max_len, vocab_size=PALIGEMMA_VOC
     state is the normalized, unpadded state; actions the normalized (C, A) chunk or None.
     clip=True clips DCT coefficients outside the tokenizer's range instead of raising.
     """
-    from pi05 import discretize_state  # the same 256 bins as pi0.5
     clean = prompt.lower().strip().replace("_", " ")
-    bins = " ".join(str(b) for b in discretize_state(np.asarray(state, dtype=np.float64)))
+    # the state as 256 bins of [-1, 1], openpi's edges (as pi05.discretize_state; values < -1 give -1)
+    bins = np.digitize(np.asarray(state, dtype=np.float64), np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+    bins = " ".join(str(b) for b in bins)
     prefix = sp.encode(f"Task: {clean}, State: {bins};\n", add_bos=True)
     postfix = []
     if actions is not None:
@@ -229,7 +230,6 @@ def from_pretrained(path, map_location="cpu"):
     """Rebuild a pi0-FAST model from a checkpoint directory."""
     from safetensors.torch import load_file
 
-    from pi0 import load_state_strict
     with open(os.path.join(path, "config.json")) as f:
         model = Pi0Fast(Pi0FastConfig.from_dict(json.load(f)))
     load_state_strict(model, load_file(os.path.join(path, "model.safetensors"), device=map_location))
