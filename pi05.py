@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, make_attn_mask, make_positions
-from pi0 import Pi0, Pi0Config, pad_tokens, posemb_sincos, sample_time
+from pi0 import Pi0, Pi0Config, pad_tokens, posemb_sincos, sample_time, valid_steps
 from pi0 import tokenize_prompt as tokenize_prompt_pi0
 
 
@@ -114,8 +114,8 @@ class Pi05(Pi0):
         t = time[:, None, None]
         x_t = t * noise + (1 - t) * actions
         v_t = self.denoise_step(batch.get("state"), prefix_mask, kv, x_t, time)
-        err = (v_t - (noise - actions)).pow(2)  # (B, C, A)
-        m = batch.get("action_masks", torch.ones_like(err, dtype=torch.bool)).to(err.dtype)
+        err = (v_t - (noise - actions)).pow(2).mean(-1)  # (B, C): all dims, padded ones too (pi0.py)
+        m = valid_steps(batch) if "action_masks" in batch else torch.ones_like(err)
         losses["flow"] = (err * m).sum() / m.sum().clamp(min=1)
         losses["loss"] = cfg.flow_loss_weight * losses["flow"]
         if has_targets:

@@ -272,13 +272,17 @@ def main(a):
         noise, time_ = draw_noise_and_time(step, a.batch_size, A, a.seed, device)
         # this rank's rows of the global batch (data.Loader interleaves samples across ranks)
         noise, time_ = noise[rank::world], time_[rank::world]
-        # Each loss term is a mean over its own valid entries (action entries for "flow", target
+        # Each loss term is a mean over its own valid entries (action steps for "flow", target
         # tokens for "ce"). Weigh each micro-batch's term by its share of that term's valid entries
         # in the whole global batch: the gradients (which DDP averages over ranks) are then exactly
         # those of one mean over the global batch, whatever the padding on each rank.
         counts, shares = {}, {}
         for term, key in terms.items():  # key None: the term is a mean over examples
-            per_example = batch[key].flatten(1).sum(1).float() if key else torch.ones(len(batch["state"]), device=device)
+            if key is None:
+                per_example = torch.ones(len(batch["state"]), device=device)
+            else:  # flow counts valid steps (every dim of one weighs the same), ce valid tokens
+                mask = batch[key].any(-1) if key == "action_masks" else batch[key]
+                per_example = mask.flatten(1).sum(1).float()
             counts[term] = per_example.view(a.grad_accum, micro).sum(1)
             total = counts[term].sum()
             if ddp:

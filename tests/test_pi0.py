@@ -88,7 +88,9 @@ def test_prompt_format(tiny_sp):
     assert mask.all() and tokens.tolist() == expected[:3]
 
 
-def test_action_masks_leave_padding_out_of_the_loss():
+def test_padded_steps_leave_the_loss_padded_dims_stay_in():
+    """Padded steps weigh nothing; padded dims are trained to their zero target, as in openpi,
+    so that sampling keeps them on the path they had in training."""
     torch.manual_seed(0)
     cfg = CONFIGS["tiny"]
     model = Pi0(cfg).eval()
@@ -97,15 +99,16 @@ def test_action_masks_leave_padding_out_of_the_loss():
     full = model.compute_loss(batch, noise, time)
     batch["action_masks"] = torch.ones_like(batch["actions"], dtype=torch.bool)
     torch.testing.assert_close(model.compute_loss(batch, noise, time), full)  # all valid = openpi
-    batch["action_masks"][:, :, 5:] = False  # padded dims
-    batch["action_masks"][1, 3:] = False     # padded steps of example 1
+    batch["action_masks"][:, :, 5:] = False  # padded dims: still in the loss
+    torch.testing.assert_close(model.compute_loss(batch, noise, time), full)
+    batch["action_masks"][1, 3:] = False     # padded steps of example 1: out
     t = time[:, None, None]
     err = (model.velocity(batch, t * noise + (1 - t) * batch["actions"], time)
            - (noise - batch["actions"])).pow(2)
-    expected = err[..., :5].mean(-1)
+    expected = err.mean(-1)
     expected[1, 3:] = 0
     torch.testing.assert_close(model.compute_loss(batch, noise, time), expected)
-    expected_scalar = err[..., :5][batch["action_masks"][..., :5]].mean()
+    expected_scalar = torch.cat([err[0].mean(-1), err[1, :3].mean(-1)]).mean()
     torch.testing.assert_close(model(batch, noise, time)["loss"], expected_scalar)
 
 

@@ -147,3 +147,16 @@ def test_tiny_pi05_overfits_a_few_samples():
     last = model(batch, noise, time)
     assert last["flow"] < first["flow"] / 10, (first["flow"], last["flow"])
     assert last["ce"] < first["ce"] / 10, (first["ce"], last["ce"])
+
+
+def test_flow_loss_keeps_padded_dims_and_drops_padded_steps():
+    model = tiny(dropout=0.0).eval()
+    batch = random_batch(model.cfg)
+    noise, time = torch.randn_like(batch["actions"]), torch.tensor([0.3, 0.8])
+    full = model(batch, noise, time)["flow"]
+    batch["action_masks"] = torch.ones_like(batch["actions"], dtype=torch.bool)
+    batch["action_masks"][..., 3:] = False  # padded dims: trained to 0 as in openpi (see pi0.py)
+    torch.testing.assert_close(model(batch, noise, time)["flow"], full)
+    batch["action_masks"][1] = False  # example 1 has no actions: only example 0's steps count
+    one = {k: v[:1] for k, v in batch.items() if k != "action_masks"}
+    torch.testing.assert_close(model(batch, noise, time)["flow"], model(one, noise[:1], time[:1])["flow"])
