@@ -167,15 +167,21 @@ class Pi0(nn.Module):
         with torch.autocast(suffix_out.device.type, enabled=False):
             return self.action_out_proj(suffix_out[:, -self.cfg.action_horizon:].float())
 
-    def embed_prefix(self, batch):
-        """Images then prompt -> tokens (B, P, W), input mask (B, P), ar mask (P,) all zero."""
-        images, image_masks = batch["images"], batch["image_masks"]
-        B, V = images.shape[:2]
+    def embed_prefix(self, batch, image_tokens=None):
+        """Images then prompt -> tokens (B, P, W), input mask (B, P), ar mask (P,) all zero.
+
+        image_tokens (B, V*P_img, W): the vision tower's output, when it already ran (infer.py
+        times the two apart); by default it runs here.
+        """
+        image_masks = batch["image_masks"]
+        B, V = image_masks.shape
         if V != len(self.cfg.cameras):
-            raise ValueError(f"batch['images'] has {V} views, the config expects "
+            raise ValueError(f"batch has {V} views, the config expects "
                              f"{len(self.cfg.cameras)} ({', '.join(self.cfg.cameras)})")
-        img = self.vision(images.flatten(0, 1))  # (B*V, P_img, W): all views in one pass
-        img = img.view(B, -1, img.shape[-1])  # (B, V*P_img, W), views in order
+        img = image_tokens
+        if img is None:
+            img = self.vision(batch["images"].flatten(0, 1))  # (B*V, P_img, W): all views in one pass
+            img = img.view(B, -1, img.shape[-1])  # (B, V*P_img, W), views in order
         img_mask = image_masks[:, :, None].expand(B, V, img.shape[1] // V).reshape(B, -1)
         lang = self.llm.embed_tokens(batch["tokens"])  # (B, L, W), scaled by sqrt(W)
         tokens = torch.cat([img, lang.to(img.dtype)], dim=1)
@@ -226,9 +232,9 @@ class Pi0(nn.Module):
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def prefill(self, batch):
+    def prefill(self, batch, image_tokens=None):
         """Run the prefix once: returns its input mask (B, P) and per-layer KV cache."""
-        prefix, prefix_mask, prefix_ar = self.embed_prefix(batch)
+        prefix, prefix_mask, prefix_ar = self.embed_prefix(batch, image_tokens)
         _, kv_cache = self.llm([prefix, None], make_positions(prefix_mask),
                                make_attn_mask(prefix_mask, prefix_ar), return_kv=True)
         return prefix_mask, kv_cache
