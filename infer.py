@@ -17,6 +17,7 @@ sampler to 1e-5.
 
 Commands:
   python infer.py bench --model pi0 --config small           # latency, TFLOP/s, GB/s, memory
+  python infer.py bench --model pi0_fast --config small      # prefill and ms per decoded token
   python infer.py serve --checkpoint DIR --port 8000         # openpi's websocket protocol
 
 Axis legend: B batch, V views, P prefix tokens, T suffix tokens in one call, S cache slots,
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from paligemma import BIG_NEG, make_attn_mask, make_positions
+from paligemma import BIG_NEG
 from pi0 import euler_times, posemb_sincos
 
 
@@ -177,16 +178,9 @@ class FastSampler:
         img = self.model.vision(images.flatten(0, 1))  # all views in one pass
         return img.view(B, -1, img.shape[-1])
 
-    def prefill_llm(self, img, image_masks, tokens, token_masks):
-        """model.embed_prefix + model.prefill, from the image tokens: prefix mask and KV list."""
-        B, V = image_masks.shape
-        img_mask = image_masks[:, :, None].expand(B, V, img.shape[1] // V).reshape(B, -1)
-        prefix = torch.cat([img, self.model.llm.embed_tokens(tokens).to(img.dtype)], dim=1)
-        mask = torch.cat([img_mask, token_masks], dim=1)
-        ar = torch.zeros(prefix.shape[1], dtype=torch.bool, device=prefix.device)
-        _, kv = self.model.llm([prefix, None], make_positions(mask), make_attn_mask(mask, ar),
-                               return_kv=True)
-        return mask, kv
+    def prefill_llm(self, batch, img):
+        """model.prefill from the image tokens (B, V * P_img, W): prefix mask and KV list."""
+        return self.model.prefill(batch, img)
 
     def _buffers(self, B, P):
         """The static buffers for a batch shape, allocated once and then written in place."""
@@ -232,7 +226,7 @@ class FastSampler:
 
     def prepare(self, batch, img):
         """Prefill the static cache for one batch of observations (prefix, and pi0's state)."""
-        prefix_mask, kv = self.prefill_fn(img, batch["image_masks"], batch["tokens"], batch["token_masks"])
+        prefix_mask, kv = self.prefill_fn(batch, img)
         B, P = prefix_mask.shape
         C = self.cfg.action_horizon
         self._buffers(B, P)
@@ -381,14 +375,18 @@ def bench_config(model, config):
     not tiny: 112px SigLIP 384x4, Gemma 512x4, expert 256x4, chunk 50, 32 action dims)."""
     import pi0
     import pi05
+    import pi0_fast
     from paligemma import GemmaConfig, SiglipConfig
-    module = pi0 if model == "pi0" else pi05
+    module = {"pi0": pi0, "pi05": pi05, "pi0_fast": pi0_fast}[model]
     if config == "small":
+        small = dict(vision=SiglipConfig(width=384, depth=4, mlp_dim=1536, num_heads=6, patch=14, image_size=112),
+                     llm=GemmaConfig(width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64),
+                     vocab_size=16384, max_token_len=48)
+        if model == "pi0_fast":
+            return pi0_fast.Pi0FastConfig(**small)
         cls = pi0.Pi0Config if model == "pi0" else pi05.Pi05Config
-        return cls(vision=SiglipConfig(width=384, depth=4, mlp_dim=1536, num_heads=6, patch=14, image_size=112),
-                   llm=GemmaConfig(width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64),
-                   expert=GemmaConfig(width=256, depth=4, mlp_dim=1024, num_heads=8, num_kv_heads=1, head_dim=64),
-                   vocab_size=16384, max_token_len=48)
+        return cls(**small, expert=GemmaConfig(width=256, depth=4, mlp_dim=1024, num_heads=8, num_kv_heads=1,
+                                               head_dim=64))
     if config not in module.CONFIGS:
         raise ValueError(f"unknown config {config!r} for {model} (have small, {', '.join(module.CONFIGS)})")
     return module.CONFIGS[config]
@@ -428,11 +426,14 @@ def bench(args):
         cfg = bench_config(args.model, args.config)
         cfg.cameras = tuple(f"cam{i}" for i in range(args.views))
         cfg.max_token_len = args.prompt_len
+        from pi0_fast import Pi0Fast
         from pi05 import Pi05
-        model = (pi0.Pi0 if args.model == "pi0" else Pi05)(cfg).to(device).eval()  # random weights
+        model = {"pi0": pi0.Pi0, "pi05": Pi05, "pi0_fast": Pi0Fast}[args.model](cfg).to(device).eval()
     cfg = model.cfg
+    fast = cfg.model == "pi0_fast"
     settings = dict(model=cfg.model, config=args.checkpoint or args.config, device=str(device),
-                    dtype=args.dtype or str(dtype).split(".")[-1], batch=args.batch, steps=args.steps,
+                    dtype=args.dtype or str(dtype).split(".")[-1], batch=args.batch,
+                    **({"decode_tokens": args.decode_tokens} if fast else {"steps": args.steps}),
                     views=len(cfg.cameras), prompt_len=cfg.max_token_len, chunk=cfg.action_horizon,
                     compile=args.compile, cuda_graph=args.cuda_graph, threads=torch.get_num_threads(),
                     params=sum(p.numel() for p in model.parameters()))
@@ -444,6 +445,8 @@ def bench(args):
              "state": torch.randn(B, cfg.action_dim, generator=g).to(device),
              "tokens": torch.randint(3, cfg.vocab_size, (B, L), generator=g).to(device),
              "token_masks": (torch.arange(L) < L // 2).expand(B, L).to(device)}  # half the prompt is padding
+    if fast:
+        return bench_fast(args, model, batch, settings, dtype, random_weights=not args.checkpoint)
     noise = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sampler = FastSampler(model, args.steps, dtype, args.compile, args.cuda_graph)
@@ -518,6 +521,61 @@ def bench(args):
               f"sample_actions: p50 {e:.2f} ms; this sampler {p50:.2f} ms -> {u / p50:.1f}x vs no cache, "
               f"{e / p50:.2f}x vs readable")
         result.update(uncached_p50_ms=u, readable_p50_ms=e)
+    print(json.dumps(result))
+    return result
+
+
+def bench_fast(args, model, batch, settings, dtype, random_weights):
+    """pi0-FAST: prefill (vision + prefix + the first token) and greedy decoding, timed apart by
+    running the same prompt for 1 token and for --decode-tokens tokens."""
+    import resource
+    if args.compile or args.cuda_graph:
+        raise ValueError("--compile / --cuda-graph apply to the pi0 / pi0.5 sampler; pi0-FAST runs eager")
+    device, cfg, N = batch["images"].device, model.cfg, args.decode_tokens
+    if N < 2:
+        raise ValueError(f"--decode-tokens must be >= 2, got {N}")
+    if random_weights:  # a random model could pick EOS and stop early: every run decodes exactly N
+        with torch.no_grad():
+            model.llm.embed.weight[1].zero_()  # EOS's logit becomes 0, below the maximum
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def run(n):
+        t0 = time.perf_counter()
+        with autocast:
+            _, logits = model.sample_tokens(batch, max_decoding_steps=n, return_logits=True)
+        sync()
+        if logits.shape[1] != n:
+            raise RuntimeError(f"decoding stopped after {logits.shape[1]} of {n} tokens (EOS)")
+        return 1000 * (time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    run(N)
+    first_ms = 1000 * (time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    total = np.array([run(N) for _ in range(args.iters)])
+    prefill = float(np.median([run(1) for _ in range(args.iters)]))
+    p50 = float(np.median(total))
+    per_token = (p50 - prefill) / (N - 1)
+    n = lambda module: sum(p.numel() for p in module.parameters())
+    P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
+    g, bytes_per = cfg.llm, 2 if dtype == torch.bfloat16 else 4
+    kv = 2 * g.depth * args.batch * (P + N) * g.num_kv_heads * g.head_dim
+    decode_gflop = 2 * args.batch * n(model.llm) * (N - 1) / 1e9  # one token per step (attention left out)
+    decode_mb = (N - 1) * (n(model.llm) + kv) * bytes_per / 1e6  # each step reads every weight and the cache
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    print(f"first call (warm-up): {first_ms:.0f} ms")
+    print(f"latency ({N} tokens): p50 {p50:.2f} ms  p90 {np.percentile(total, 90):.2f} ms  min {total.min():.2f} ms  "
+          f"({args.iters} runs)")
+    print(f"  prefill  p50 {prefill:8.2f} ms  (vision + {P}-slot prefix + first token)")
+    print(f"  decode   {per_token:8.2f} ms/token  {decode_gflop / (p50 - prefill):8.3f} TFLOP/s  "
+          f"{decode_mb / (p50 - prefill):8.1f} GB/s; peak memory {peak:.0f} MiB")
+    result = dict(settings, p50_ms=p50, p90_ms=float(np.percentile(total, 90)), min_ms=float(total.min()),
+                  prefill_ms=prefill, decode_ms_per_token=per_token, first_call_ms=first_ms,
+                  decode_tflops=decode_gflop / (p50 - prefill), decode_gbps=decode_mb / (p50 - prefill),
+                  peak_mib=peak)
     print(json.dumps(result))
     return result
 
@@ -699,7 +757,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="latency per phase, TFLOP/s, GB/s, peak memory")
-    b.add_argument("--model", choices=["pi0", "pi05"], default="pi0", help="model file (random weights)")
+    b.add_argument("--model", choices=["pi0", "pi05", "pi0_fast"], default="pi0", help="model file (random weights)")
+    b.add_argument("--decode-tokens", type=int, default=32, help="pi0-FAST: answer tokens decoded per call")
     b.add_argument("--config", default="small", help="preset: full, tiny, small (see bench_config)")
     b.add_argument("--checkpoint", help="checkpoint directory (instead of random weights)")
     b.add_argument("--batch", type=int, default=1)

@@ -141,3 +141,23 @@ def test_serve_errors_then_serves_next_client(server):
     client = WebsocketClientPolicy("127.0.0.1", port)  # a following client is served normally
     out = client.infer(libero_obs(np.random.default_rng(2)))
     assert out["actions"].shape == (6, 7) and np.isfinite(out["actions"]).all()
+
+
+@pytest.mark.parametrize("model, extra", [("pi05", ["--compare-uncached"]), ("pi0_fast", ["--decode-tokens", "4"])])
+def test_bench_command_prints_settings_phases_and_json(model, extra):
+    """The benchmark runs end to end on CPU and ends in one JSON line (a command, not a timing test)."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    res = subprocess.run([sys.executable, "infer.py", "bench", "--model", model, "--config", "tiny", "--iters", "2",
+                          "--views", "1"] + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith(f"settings: model={model} config=tiny device=cpu")
+    result = json.loads(lines[-1])
+    assert result["model"] == model and result["p50_ms"] > 0 and result["peak_mib"] > 0
+    if model == "pi0_fast":
+        assert result["decode_tokens"] == 4 and result["prefill_ms"] > 0
+    else:
+        assert {"vision_ms", "prefix_ms", "denoise_ms", "uncached_p50_ms", "readable_p50_ms"} <= set(result)
