@@ -344,10 +344,14 @@ def main(a):
         if builtin and a.eval_episodes and rank == 0:
             import sim
             from infer import Policy
-            r = sim.evaluate(Policy(final_dir), "builtin", episodes=a.eval_episodes, progress=False)
+            r = sim.evaluate(Policy(final_dir), "builtin", episodes=a.eval_episodes, record=4, progress=False)
+            sim.save_gif(r.pop("videos"), os.path.join(out, "eval.gif"))
+            with open(os.path.join(out, "eval.json"), "w") as f:
+                json.dump(dict(r, checkpoint=final_dir), f, indent=2)
             print0(f"built-in task, {r['episodes']} unseen episodes: success {r['success_rate']:.1%} "
                    f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean length {r['mean_length']:.1f} steps, "
-                   f"{r['infer_ms_per_call']:.0f} ms per policy call; wall time {time.time() - t_start:.0f} s")
+                   f"{r['infer_ms_per_call']:.0f} ms per policy call; wrote {out}/eval.json and eval.gif; "
+                   f"wall time {time.time() - t_start:.0f} s")
     if ddp:
         dist.destroy_process_group()
 

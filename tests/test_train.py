@@ -129,3 +129,23 @@ def test_lora_trains_only_adapters_and_merges_exactly():
     torch.testing.assert_close(plain.sample_actions(batch, noise), model.sample_actions(batch, noise),
                                rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("model", ["pi05", "pi0"])
+def test_readme_main_command_shortened(model, tmp_path):
+    """The README's main job with few demos and steps: demos generated and cached, training, export,
+    closed-loop evaluation with its summary. Checks the pipeline, not the success rate."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--steps", "3", "--batch-size", "8",
+           "--demo-episodes", "6", "--eval-episodes", "3", "--warmup", "1"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # runs/ lands in tmp
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "expert success 6/6" in res.stdout
+    assert "built-in task, 3 unseen episodes: success" in res.stdout, res.stdout[-2000:]
+    summary = json.loads((tmp_path / "runs" / model / "eval.json").read_text())
+    assert summary["episodes"] == 3 and len(summary["results"]) == 3 and summary["env"] == "builtin"
+    assert (tmp_path / "runs" / model / "eval.gif").stat().st_size > 0
+    assert sorted(os.listdir(tmp_path / "runs" / "builtin_demos")).count("norm_stats.json") == 1
+    # a second run reuses the cached demonstrations instead of writing them again
+    res = subprocess.run(cmd + ["--out", "runs/again", "--eval-episodes", "0"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and "expert success" not in res.stdout, res.stderr[-2000:]
