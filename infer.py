@@ -134,10 +134,10 @@ class FastSampler:
         self.times, self.dt = euler_times(num_steps)
         with torch.no_grad():
             self._precompute()
-        self.vision_fn, self.prefill_fn, self.denoise_fn = self.embed_images, self.prefill_llm, self.denoise
+        self.vision_fn, self.prefill_fn, self.denoise_fn = model.embed_images, model.prefill, self.denoise
         if compile_mode is not None:
-            self.vision_fn = torch.compile(self.embed_images, mode=compile_mode, fullgraph=True)
-            self.prefill_fn = torch.compile(self.prefill_llm, mode=compile_mode)
+            self.vision_fn = torch.compile(model.embed_images, mode=compile_mode, fullgraph=True)
+            self.prefill_fn = torch.compile(model.prefill, mode=compile_mode)
             self.denoise_fn = torch.compile(self.denoise, mode=compile_mode, fullgraph=True)
 
     def _precompute(self):
@@ -170,17 +170,7 @@ class FastSampler:
                     step.append((1 + scale, shift, gate.to(dt)))  # each (1, 1, W)
                 self.mods.append(step)
 
-    # -- phases: vision, prefix (prefill), denoising ----------------------------------------
-
-    def embed_images(self, images):
-        """(B, V, 3, R, R) -> image tokens (B, V * P_img, W_llm)."""
-        B = images.shape[0]
-        img = self.model.vision(images.flatten(0, 1))  # all views in one pass
-        return img.view(B, -1, img.shape[-1])
-
-    def prefill_llm(self, batch, img):
-        """model.prefill from the image tokens (B, V * P_img, W): prefix mask and KV list."""
-        return self.model.prefill(batch, img)
+    # -- phases: vision and prefix are the model's own (pi0.py); the cache and denoising are here --
 
     def _buffers(self, B, P):
         """The static buffers for a batch shape, allocated once and then written in place."""
@@ -226,7 +216,7 @@ class FastSampler:
 
     def prepare(self, batch, img):
         """Prefill the static cache for one batch of observations (prefix, and pi0's state)."""
-        prefix_mask, kv = self.prefill_fn(batch, img)
+        prefix_mask, kv = self.prefill_fn(batch, img)  # model.prefill from the image tokens
         B, P = prefix_mask.shape
         C = self.cfg.action_horizon
         self._buffers(B, P)
@@ -413,9 +403,20 @@ def count_cost(model, B, P, steps):
     return flops, weights
 
 
-def bench(args):
-    import resource
+def device_sync(device):
+    """A function that waits for the device's queued work (timings must not end early)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+
+def peak_memory_mib(device):
+    """Peak memory so far: allocated tensors on CUDA, the process's resident set on CPU."""
+    import resource
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 20
+
+
+def bench(args):
     import pi0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -448,7 +449,7 @@ def bench(args):
     if fast:
         return bench_fast(args, model, batch, settings, dtype, random_weights=not args.checkpoint)
     noise = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     sampler = FastSampler(model, args.steps, dtype, args.compile, args.cuda_graph)
 
     @torch.no_grad()
@@ -477,8 +478,7 @@ def bench(args):
     wbytes = {k: w * (2 if dtype == torch.bfloat16 else 4) for k, w in weights.items()}
     med = dict(zip(("vision", "prefix", "denoise"), np.median(times, 0)))
     p50 = float(np.median(total))
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    peak = peak_memory_mib(device)
     print(f"first call (compile + warm-up): {first_ms:.0f} ms")
     print(f"latency: p50 {p50:.2f} ms  p90 {np.percentile(total, 90):.2f} ms  min {total.min():.2f} ms  "
           f"({args.iters} runs)")
@@ -528,7 +528,6 @@ def bench(args):
 def bench_fast(args, model, batch, settings, dtype, random_weights):
     """pi0-FAST: prefill (vision + prefix + the first token) and greedy decoding, timed apart by
     running the same prompt for 1 token and for --decode-tokens tokens."""
-    import resource
     if args.compile or args.cuda_graph:
         raise ValueError("--compile / --cuda-graph apply to the pi0 / pi0.5 sampler; pi0-FAST runs eager")
     device, cfg, N = batch["images"].device, model.cfg, args.decode_tokens
@@ -537,7 +536,7 @@ def bench_fast(args, model, batch, settings, dtype, random_weights):
     if random_weights:  # a random model could pick EOS and stop early: every run decodes exactly N
         with torch.no_grad():
             model.llm.embed.weight[1].zero_()  # EOS's logit becomes 0, below the maximum
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def run(n):
@@ -564,8 +563,7 @@ def bench_fast(args, model, batch, settings, dtype, random_weights):
     kv = 2 * g.depth * args.batch * (P + N) * g.num_kv_heads * g.head_dim
     decode_gflop = 2 * args.batch * n(model.llm) * (N - 1) / 1e9  # one token per step (attention left out)
     decode_mb = (N - 1) * (n(model.llm) + kv) * bytes_per / 1e6  # each step reads every weight and the cache
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    peak = peak_memory_mib(device)
     print(f"first call (warm-up): {first_ms:.0f} ms")
     print(f"latency ({N} tokens): p50 {p50:.2f} ms  p90 {np.percentile(total, 90):.2f} ms  min {total.min():.2f} ms  "
           f"({args.iters} runs)")

@@ -167,6 +167,12 @@ class Pi0(nn.Module):
         with torch.autocast(suffix_out.device.type, enabled=False):
             return self.action_out_proj(suffix_out[:, -self.cfg.action_horizon:].float())
 
+    def embed_images(self, images):
+        """(B, V, 3, R, R) -> image tokens (B, V*P_img, W): all views in one pass, views in order."""
+        B = images.shape[0]
+        img = self.vision(images.flatten(0, 1))  # (B*V, P_img, W)
+        return img.view(B, -1, img.shape[-1])
+
     def embed_prefix(self, batch, image_tokens=None):
         """Images then prompt -> tokens (B, P, W), input mask (B, P), ar mask (P,) all zero.
 
@@ -178,10 +184,7 @@ class Pi0(nn.Module):
         if V != len(self.cfg.cameras):
             raise ValueError(f"batch has {V} views, the config expects "
                              f"{len(self.cfg.cameras)} ({', '.join(self.cfg.cameras)})")
-        img = image_tokens
-        if img is None:
-            img = self.vision(batch["images"].flatten(0, 1))  # (B*V, P_img, W): all views in one pass
-            img = img.view(B, -1, img.shape[-1])  # (B, V*P_img, W), views in order
+        img = self.embed_images(batch["images"]) if image_tokens is None else image_tokens  # (B, V*P_img, W)
         img_mask = image_masks[:, :, None].expand(B, V, img.shape[1] // V).reshape(B, -1)
         lang = self.llm.embed_tokens(batch["tokens"])  # (B, L, W), scaled by sqrt(W)
         tokens = torch.cat([img, lang.to(img.dtype)], dim=1)

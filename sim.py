@@ -356,6 +356,21 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
     return out
 
 
+def save_eval(result, out, checkpoint=None):
+    """Write an evaluate() result to out/eval.json and, when it recorded episodes, out/eval.gif.
+    Pops result["videos"] (frames are not JSON); returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    videos = result.pop("videos", [])
+    paths = [out / "eval.json"]
+    paths[0].write_text(json.dumps(dict(result, checkpoint=checkpoint), indent=2))
+    if videos:
+        fps = {"builtin": FPS, "pusht": 10, "aloha": 50}[result["env"]]
+        paths.append(out / "eval.gif")
+        save_gif(videos, paths[1], fps=min(fps, 25))
+    return paths
+
+
 def save_gif(videos, path, fps=FPS, tile=224):
     """Episodes side by side, each under its prompt; a finished episode holds its last frame
     inside a green (success) or red (failure) border."""
@@ -483,18 +498,12 @@ def main(argv=None):
         raise ValueError("give --checkpoint DIR (or --expert for the builtin env)")
     r = evaluate(policy, args.env, args.episodes, args.seed, args.n_action_steps, batch_size=args.batch_size,
                  record=args.gif, env_kwargs=env_kwargs)
-    videos = r.pop("videos", [])
     print(f"{name} on {args.env}: success {r['successes']}/{r['episodes']} = {r['success_rate']:.1%} "
           f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean episode length {r['mean_length']:.1f} steps")
     print(f"inference {r['infer_ms_per_call']:.1f} ms per call ({r['infer_ms_per_chunk']:.2f} ms per chunk), "
           f"env {r['env_ms_per_step']:.2f} ms per step, {r['policy_calls']} calls, n_action_steps {r['n_action_steps']}")
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "eval.json").write_text(json.dumps(dict(r, checkpoint=args.checkpoint), indent=2))
-        if videos:
-            fps = {"builtin": FPS, "pusht": 10, "aloha": 50}[args.env]
-            save_gif(videos, Path(args.out) / "eval.gif", fps=min(fps, 25))
-        print(f"wrote {Path(args.out) / 'eval.json'}" + (f" and {Path(args.out) / 'eval.gif'}" if videos else ""))
+        print("wrote " + " and ".join(str(p) for p in save_eval(r, args.out, args.checkpoint)))
 
 
 if __name__ == "__main__":

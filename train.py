@@ -345,9 +345,7 @@ def main(a):
             import sim
             from infer import Policy
             r = sim.evaluate(Policy(final_dir), "builtin", episodes=a.eval_episodes, record=4, progress=False)
-            sim.save_gif(r.pop("videos"), os.path.join(out, "eval.gif"))
-            with open(os.path.join(out, "eval.json"), "w") as f:
-                json.dump(dict(r, checkpoint=final_dir), f, indent=2)
+            sim.save_eval(r, out, final_dir)
             print0(f"built-in task, {r['episodes']} unseen episodes: success {r['success_rate']:.1%} "
                    f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean length {r['mean_length']:.1f} steps, "
                    f"{r['infer_ms_per_call']:.0f} ms per policy call; wrote {out}/eval.json and eval.gif; "
