@@ -1,38 +1,51 @@
-"""Robot data for pi0 / pi0.5 / pi0-FAST: episode readers, openpi's transforms, norm stats, mixtures.
+"""Robot data for pi0 / pi0.5 / pi0-FAST: openpi's transforms, norm stats, mixtures, the batch dict.
 
 What flows through this file:
 
-    LeRobotDataset (v2.1 / v3.0) or HDF5Dataset (ALOHA layout)
+    readers.py: LeRobotDataset (v2.1 / v3.0) or HDF5Dataset (ALOHA layout), from open_dataset
         dataset[i] -> raw sample: {"images": {camera: uint8 (H, W, 3)}, "state": (S,),
                                    "actions": (C, A) chunk, "action_is_pad": (C,), "prompt": str, ...}
     Transforms (one per dataset: its cameras, its norm stats, the model's prompt function)
-        -> model sample: images (V, 3, H, W) in [-1, 1], image_masks, state, tokens, actions, masks
+        -> model sample: one row of the batch dict below, as numpy arrays without the B axis
     Mixture + MixtureSampler + Loader (weighted co-training, DDP sharding, resumable position)
-        -> collate -> the batch dict of DESIGN.md (torch tensors, leading axis B)
+        -> collate -> the batch dict: torch tensors, leading axis B
 
-Action chunks follow LeRobot's `delta_timestamps` as openpi uses them: the chunk of frame t is
-the actions of frames t, t+1, ..., t+C-1 of the same episode; steps past the episode end repeat
-the last action and are marked in `action_is_pad`. The transforms are openpi's (`transforms.py`,
-`shared/normalize.py`, `openpi_client/image_tools.py`), rewritten as plain numpy functions.
+The batch dict, what the models' forward and sampling take:
 
-HDF5 layout (ALOHA, plus two optional root attributes of ours):
-    /observations/qpos (T, S)   /observations/images/<camera> (T, H, W, 3) uint8   /action (T, A)
-    attrs["prompt"] = "the task"   attrs["fps"] = 50
+    key               dtype    shape            content
+    images            float32  (B, V, 3, R, R)  camera views in [-1, 1]; a view the dataset lacks is -1
+    image_masks       bool     (B, V)           False for a view the dataset lacks
+    state             float32  (B, A)           normalized state, zero-padded to the model's action_dim
+    tokens            int64    (B, L)           the prompt (pi0.5, pi0-FAST: with the binned state), padded
+    token_masks       bool     (B, L)           True on the prompt's tokens
+    actions           float32  (B, C, A)        normalized action chunk (delta first, where a mask
+                                                says so), zero-padded to the model's action_dim
+    action_masks      bool     (B, C, A)        False on padded dims and on steps past the episode end
+  added by train.py's wrappers of Transforms, for one model each:
+    target_tokens     int64    (B, D)           pi0.5 FAST co-training (WithFastTargets): the chunk's
+                                                FAST ids in the PaliGemma vocabulary, then "|", EOS
+    target_masks      bool     (B, D)           True on the target tokens
+    token_ar_masks    int64    (B, L)           pi0-FAST (WithFastPrompt): 0 on the prompt, 1 on the
+                                                answer "Action: " + FAST ids + "|" EOS
+    token_loss_masks  bool     (B, L)           pi0-FAST: True where the next-token loss counts
+
+At inference a sample has no chunk, so there are no actions / action_masks. pi0-FAST pads nothing
+(Transforms with state_dim = action_dim = None): its state is (B, S), and A is the robot's own.
+
+Action chunks follow LeRobot's `delta_timestamps` (readers.py: steps past the episode end repeat
+the last action and are marked in `action_is_pad`). The transforms are openpi's (its transforms,
+normalization and image_tools modules), rewritten as plain numpy functions.
 
 Command line:
     python data.py info  <dataset>                             # features, fps, episodes, cameras
     python data.py stats <dataset> --out norm_stats.json       # openpi's norm_stats.json format
 
-pyarrow (parquet) and av (mp4) are needed for LeRobot datasets only: pip install pyarrow av.
-
-Axis legend: B batch, V views, N frames in a dataset, T frames in an episode, C chunk (action
-horizon), S state dim, A action dim, L prompt tokens, H/W image height/width.
+Axis legend: B batch, V the model's views (cameras), R image size, L prompt tokens, C chunk (action
+horizon), A action dim (the model's width after padding), S a dataset's state dim, D FAST target
+slots, H/W a camera's image height/width.
 """
 
 import argparse
-import functools
-import importlib
-import io
 import json
 import os
 import sys
@@ -40,19 +53,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-
-def _require(module, pip_name):
-    """Import an optional extra, or fail with the pip command that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"reading LeRobot datasets needs '{pip_name}': pip install {pip_name}") from e
+# The readers live in readers.py; their names stay importable from here (data.open_dataset, ...),
+# which is how train.py, infer.py, sim.py and the tests reach them.
+from readers import HDF5Dataset, LeRobotDataset, open_dataset, write_hdf5_episode  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,436 +158,6 @@ def pad_last(x, width):
     padded = np.zeros((*x.shape[:-1], width), np.float32)
     padded[..., :d] = x
     return padded, np.arange(width) < d
-
-
-# ----------------------------------------------------------------------------------------------
-# Episode readers
-
-
-class EpisodeFrames:
-    """What both readers share: per-frame state and actions in memory (N rows, episodes stored
-    contiguously), episode bounds, and the action chunk of a frame.
-
-    Subclasses set: fps, chunk_size, action_fps, cameras, state (N, S), actions (N, A),
-    ep_start / ep_end (E,) row bounds [start, end), row_episode (N,) episode position per row."""
-
-    def __len__(self):
-        return len(self.state)
-
-    @property
-    def num_episodes(self):
-        return len(self.ep_start)
-
-    def action_chunks(self, rows):
-        """rows (n,) -> actions (n, C, A), action_is_pad (n, C).
-
-        Step k is k / action_fps seconds ahead, i.e. k * fps / action_fps frames. At the
-        dataset's own rate these are whole frames (LeRobot's behaviour exactly); at another rate
-        the actions are linearly interpolated between the two nearest frames."""
-        rows = np.asarray(rows)
-        steps = np.arange(self.chunk_size) * (self.fps / (self.action_fps or self.fps))
-        ep = self.row_episode[rows]
-        first, last = self.ep_start[ep][:, None], self.ep_end[ep][:, None] - 1
-        pos = rows[:, None] + steps[None, :]                               # (n, C) frame positions
-        is_pad = pos > last + 1e-6                                         # past the episode end
-        pos = np.clip(pos, first, last)                                    # repeat the last action
-        lo = np.floor(pos + 1e-6).astype(np.int64)
-        hi = np.minimum(lo + 1, last)
-        w = np.clip(pos - lo, 0.0, 1.0)[..., None].astype(np.float32)       # 0 at whole frames
-        return self.actions[lo] * (1.0 - w) + self.actions[hi] * w, is_pad
-
-    def _chunk(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(f"frame {i} out of range for {len(self)} frames")
-        actions, is_pad = self.action_chunks(np.array([i]))
-        return actions[0], is_pad[0]
-
-    def _set_episodes(self, lengths):
-        lengths = np.asarray(lengths, np.int64)
-        self.ep_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        self.ep_end = self.ep_start + lengths
-        self.row_episode = np.repeat(np.arange(len(lengths)), lengths)
-
-    def _check_finite(self, arr, name, files, row_file):
-        bad = ~np.isfinite(arr).all(axis=1)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise ValueError(f"{files[row_file[row]]}: field '{name}' has NaN/inf (dataset row {row})")
-
-
-def decode_video_frame(path, timestamp, tolerance_s=1e-4):
-    """The frame of an mp4 (AV1, H.264, ...) shown at `timestamp` seconds, as uint8 (H, W, 3).
-
-    Seek to the keyframe before the timestamp and decode forward; the frame whose presentation
-    time matches within tolerance_s is the answer (what LeRobot's decoders do). Opening the file
-    per call costs about a millisecond and keeps DataLoader workers free of shared decoder state."""
-    av = _require("av", "av")
-    best, best_dt = None, float("inf")
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            container.seek(int(timestamp / stream.time_base), stream=stream, backward=True, any_frame=False)
-            for frame in container.decode(stream):
-                t = float(frame.pts * stream.time_base)
-                if abs(t - timestamp) < best_dt:
-                    best, best_dt = frame, abs(t - timestamp)
-                if t > timestamp + tolerance_s:
-                    break
-            image = None if best is None else best.to_ndarray(format="rgb24")
-    except (av.error.FFmpegError, OSError, IndexError) as e:
-        raise ValueError(f"{path}: cannot decode the frame at t={timestamp:.4f}s ({e})") from e
-    if best is None or best_dt > tolerance_s:
-        near = "no frames there" if best is None else f"nearest is {best_dt:.4f}s away"
-        raise ValueError(f"{path}: no video frame within {tolerance_s}s of t={timestamp:.4f}s ({near}): "
-                         "a truncated video, or info.json fps / timestamps that disagree with it")
-    return image
-
-
-def _read_parquet(path, columns):
-    """Read some columns of a parquet file; a missing column names the file and the column."""
-    pq = _require("pyarrow.parquet", "pyarrow")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: file listed by the dataset's metadata does not exist")
-    names = pq.read_schema(path).names
-    for c in columns:
-        if c not in names:
-            raise KeyError(f"{path}: missing column '{c}' (columns: {names})")
-    return pq.read_table(path, columns=list(columns))
-
-
-def _column_to_numpy(table, key, path):
-    """A scalar or fixed-length-list parquet column -> numpy (N,) or (N, D)."""
-    pa = _require("pyarrow", "pyarrow")
-    col = table.column(key).combine_chunks()
-    if isinstance(col, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):
-        flat = col.flatten().to_numpy(zero_copy_only=False)
-        if len(col) and len(flat) % len(col):
-            raise ValueError(f"{path}: column '{key}' has rows of different lengths")
-        return flat.reshape(len(col), -1)
-    return col.to_numpy(zero_copy_only=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _row_group_starts(path):
-    md = _require("pyarrow.parquet", "pyarrow").ParquetFile(path).metadata
-    return np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
-
-
-@functools.lru_cache(maxsize=16)
-def _read_row_group(path, group, column):
-    # Image columns are big, so they stay on disk; a small cache makes neighbouring rows cheap.
-    pq = _require("pyarrow.parquet", "pyarrow")
-    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0)
-
-
-def _read_image_cell(path, row, column):
-    """The PNG/JPEG of one row of an image column (a struct of bytes and path), as uint8 (H, W, 3)."""
-    starts = _row_group_starts(str(path))
-    group = int(np.searchsorted(starts, row, side="right") - 1)
-    cell = _read_row_group(str(path), group, column)[row - starts[group]].as_py()
-    if not cell or not cell.get("bytes"):
-        raise ValueError(f"{path}: column '{column}' row {row} holds no image bytes")
-    try:
-        return np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
-    except OSError as e:
-        raise ValueError(f"{path}: column '{column}' row {row} is not a readable image ({e})") from e
-
-
-class LeRobotDataset(EpisodeFrames):
-    """A LeRobot dataset on disk, format v2.x (one parquet + one mp4 per episode) or v3.0 (episodes
-    packed into shared files, located through meta/episodes/*.parquet).
-
-    State and actions of every frame are read into memory at construction (and validated: columns,
-    widths, NaN, timestamps against fps); camera frames are decoded per sample."""
-
-    def __init__(self, root, chunk_size=50, *, state_key="observation.state", action_key="action",
-                 cameras=None, action_fps=None, tolerance_s=1e-4):
-        self.root, self.chunk_size, self.action_fps = Path(root), chunk_size, action_fps
-        self.state_key, self.action_key, self.tolerance_s = state_key, action_key, tolerance_s
-        info_path = self.root / "meta" / "info.json"
-        if not info_path.exists():
-            raise FileNotFoundError(f"{info_path}: not a LeRobot dataset (no meta/info.json)")
-        self.info = json.loads(info_path.read_text())
-        self.version = self.info.get("codebase_version", "?")
-        if not self.version.startswith(("v2", "v3")):
-            raise ValueError(f"{info_path}: codebase_version {self.version}; v2.x and v3.0 are supported")
-        feats = self.info["features"]
-        for key in (state_key, action_key):
-            if key not in feats:
-                raise KeyError(f"{info_path}: no feature '{key}' (features: {list(feats)})")
-        self.fps = float(self.info["fps"])
-        all_cams = [k for k, f in feats.items() if f["dtype"] in ("video", "image")]
-        self.cameras = all_cams if cameras is None else list(cameras)
-        for cam in self.cameras:
-            if cam not in all_cams:
-                raise KeyError(f"{info_path}: no camera '{cam}' (cameras: {all_cams})")
-        self.is_video = {cam: feats[cam]["dtype"] == "video" for cam in self.cameras}
-        _require("pyarrow.parquet", "pyarrow")                     # fail early, with the pip command
-        if any(self.is_video.values()):
-            _require("av", "av")
-        self.tasks, episodes = self._read_meta_v2() if self.version.startswith("v2") else self._read_meta_v3()
-        self.episode_index = np.array([e["episode_index"] for e in episodes])
-        self.video = {cam: [(e["video"][cam], e["video_from"][cam]) for e in episodes]
-                      for cam in self.cameras if self.is_video[cam]}
-        missing = [p for files in self.video.values() for p, _ in files if not p.exists()]
-        if missing:
-            raise FileNotFoundError(f"{missing[0]}: video listed by the metadata is missing "
-                                    f"({len(missing)} missing in all)")
-        self._read_frames(episodes, info_path)
-
-    # -- metadata --------------------------------------------------------------------------------
-    def _read_meta_v2(self):
-        meta = self.root / "meta"
-        read_jsonl = lambda p: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        tasks = {t["task_index"]: t["task"] for t in read_jsonl(meta / "tasks.jsonl")}
-        episodes = []
-        for e in sorted(read_jsonl(meta / "episodes.jsonl"), key=lambda e: e["episode_index"]):
-            i = e["episode_index"]
-            chunk = i // self.info["chunks_size"]
-            episodes.append(dict(
-                episode_index=i, length=e["length"],
-                data=self.root / self.info["data_path"].format(episode_chunk=chunk, episode_index=i),
-                video={c: self.root / self.info["video_path"].format(episode_chunk=chunk, video_key=c,
-                                                                    episode_index=i)
-                       for c in self.cameras if self.is_video[c]},
-                video_from={c: 0.0 for c in self.cameras}))
-        return tasks, episodes
-
-    def _read_meta_v3(self):
-        meta = self.root / "meta"
-        t = _read_parquet(meta / "tasks.parquet", ["task_index", "task"])
-        tasks = dict(zip(t.column("task_index").to_pylist(), t.column("task").to_pylist()))
-        vcams = [c for c in self.cameras if self.is_video[c]]
-        cols = ["episode_index", "length", "data/chunk_index", "data/file_index"]
-        cols += [f"videos/{c}/{k}" for c in vcams for k in ("chunk_index", "file_index", "from_timestamp")]
-        files = sorted((meta / "episodes").glob("chunk-*/file-*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"{meta / 'episodes'}: no episode metadata files")
-        rows = [r for f in files for r in _read_parquet(f, cols).to_pylist()]
-        episodes = []
-        for r in sorted(rows, key=lambda r: r["episode_index"]):
-            video = {c: self.root / self.info["video_path"].format(
-                video_key=c, chunk_index=r[f"videos/{c}/chunk_index"],
-                file_index=r[f"videos/{c}/file_index"]) for c in vcams}
-            episodes.append(dict(
-                episode_index=r["episode_index"], length=r["length"],
-                data=self.root / self.info["data_path"].format(chunk_index=r["data/chunk_index"],
-                                                              file_index=r["data/file_index"]),
-                video=video, video_from={c: r[f"videos/{c}/from_timestamp"] for c in vcams}))
-        return tasks, episodes
-
-    # -- frames ----------------------------------------------------------------------------------
-    def _read_frames(self, episodes, info_path):
-        """Read the small columns of every data file, in episode order, and check them."""
-        keys = [self.state_key, self.action_key, "timestamp", "frame_index", "episode_index", "index",
-                "task_index"]
-        image_cams = [c for c in self.cameras if not self.is_video[c]]
-        self.files = list(dict.fromkeys(e["data"] for e in episodes))    # unique, in episode order
-        feats, cols, row_file, row_in_file = self.info["features"], {k: [] for k in keys}, [], []
-        for f, path in enumerate(self.files):
-            table = _read_parquet(path, keys + image_cams)
-            for k in keys:
-                cols[k].append(_column_to_numpy(table, k, path).reshape(table.num_rows, -1))
-                width = int(np.prod(feats.get(k, {"shape": [1]})["shape"]))
-                if cols[k][-1].shape[1] != width:
-                    raise ValueError(f"{path}: column '{k}' has {cols[k][-1].shape[1]} dims, "
-                                     f"{info_path} says {width}")
-            row_file.append(np.full(table.num_rows, f))
-            row_in_file.append(np.arange(table.num_rows))
-        cols = {k: np.concatenate(v) for k, v in cols.items()}
-        self.row_file, self.row_in_file = np.concatenate(row_file), np.concatenate(row_in_file)
-        file_of = lambda row: self.files[self.row_file[row]]
-
-        # episodes must be stored contiguously, in order, with the lengths the metadata gives
-        lengths = np.array([e["length"] for e in episodes])
-        expect, got = np.repeat(self.episode_index, lengths), cols["episode_index"][:, 0]
-        if len(expect) != len(got):
-            raise ValueError(f"{self.root / 'meta'}: episode lengths sum to {len(expect)} frames, "
-                             f"the data files hold {len(got)}")
-        if (expect != got).any():
-            row = int(np.argmax(expect != got))
-            raise ValueError(f"{file_of(row)}: column 'episode_index' disagrees with the episode lengths "
-                             f"in {self.root / 'meta'} (at dataset row {row})")
-        self._set_episodes(lengths)
-        self.state = cols[self.state_key].astype(np.float32)
-        self.actions = cols[self.action_key].astype(np.float32)
-        self._check_finite(self.state, self.state_key, self.files, self.row_file)
-        self._check_finite(self.actions, self.action_key, self.files, self.row_file)
-        cols = {k: v[:, 0] for k, v in cols.items() if k not in (self.state_key, self.action_key)}
-        self.timestamp, self.frame_index = cols["timestamp"].astype(np.float64), cols["frame_index"]
-        self.index, self.task_index = cols["index"], cols["task_index"]
-
-        # timestamps are frame_index / fps; a wrong fps in info.json breaks video lookups silently
-        tolerance = max(self.tolerance_s, 1e-3 / self.fps)
-        bad = np.abs(self.timestamp - self.frame_index / self.fps) > tolerance
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise ValueError(f"{info_path}: field 'fps' = {self.info['fps']} disagrees with column "
-                             f"'timestamp' of {file_of(row)} (frame_index {self.frame_index[row]} "
-                             f"at {self.timestamp[row]:.4f}s)")
-        unknown = set(np.unique(self.task_index).tolist()) - set(self.tasks)
-        if unknown:
-            raise KeyError(f"{self.root / 'meta'}: tasks table lacks task_index {sorted(unknown)}")
-
-    def __getitem__(self, i):
-        i = int(i)
-        actions, is_pad = self._chunk(i)
-        ep, images = self.row_episode[i], {}
-        for cam in self.cameras:
-            if self.is_video[cam]:
-                path, start = self.video[cam][ep]
-                # v3.0 packs episodes into one mp4: the episode starts `from_timestamp` into it
-                images[cam] = decode_video_frame(path, start + self.timestamp[i], self.tolerance_s)
-            else:
-                images[cam] = _read_image_cell(self.files[self.row_file[i]], int(self.row_in_file[i]), cam)
-        return dict(images=images, state=self.state[i], actions=actions, action_is_pad=is_pad,
-                    prompt=self.tasks[int(self.task_index[i])], episode_index=int(self.episode_index[ep]),
-                    frame_index=int(self.frame_index[i]), index=int(self.index[i]),
-                    timestamp=float(self.timestamp[i]), task_index=int(self.task_index[i]))
-
-    @property
-    def meta_stats(self):
-        """LeRobot's own stats (meta/stats.json; for v2.1 the per-episode stats aggregated the
-        way LeRobot does). Informational: training uses compute_norm_stats."""
-        stats_path = self.root / "meta" / "stats.json"
-        if stats_path.exists():
-            raw = json.loads(stats_path.read_text())
-            return {k: {s: np.asarray(v) for s, v in d.items()} for k, d in raw.items()}
-        per_ep = self.root / "meta" / "episodes_stats.jsonl"
-        if not per_ep.exists():
-            return {}
-        eps = [json.loads(line)["stats"] for line in per_ep.read_text().splitlines() if line.strip()]
-        out = {}
-        for key in eps[0]:
-            s = [{k: np.asarray(v, np.float64) for k, v in e[key].items()} for e in eps]
-            n = np.array([e["count"] for e in s])                        # (E, 1)
-            w = (n / n.sum()).reshape(-1, *[1] * s[0]["mean"].ndim)
-            mean = sum(wi * e["mean"] for wi, e in zip(w, s))
-            var = sum(wi * (e["std"] ** 2 + (e["mean"] - mean) ** 2) for wi, e in zip(w, s))
-            out[key] = dict(min=np.min([e["min"] for e in s], 0), max=np.max([e["max"] for e in s], 0),
-                            mean=mean, std=np.sqrt(var), count=n.sum(0))
-        return out
-
-    def describe(self):
-        feats = self.info["features"]
-        return dict(format=f"LeRobot {self.version}", root=str(self.root), fps=self.fps,
-                    episodes=self.num_episodes, frames=len(self), tasks=sorted(set(self.tasks.values())),
-                    cameras={c: f"{feats[c]['dtype']} {feats[c]['shape']}" for c in self.cameras},
-                    features={k: f"{f['dtype']} {f['shape']}" for k, f in feats.items()},
-                    state=self.state_key, actions=self.action_key)
-
-
-def write_hdf5_episode(path, state, actions, images, *, prompt=None, fps=None):
-    """Write one ALOHA-layout episode: state (T, S), actions (T, A), images {camera: (T, H, W, 3)
-    uint8}. The prompt and fps go into root attributes (`prompt`, `fps`), which HDF5Dataset reads
-    before falling back to its arguments. Used by the tests and by sim.py's demo recorder."""
-    state, actions = np.asarray(state, np.float32), np.asarray(actions, np.float32)
-    if len(state) != len(actions):
-        raise ValueError(f"state has {len(state)} frames but actions {len(actions)}")
-    with h5py.File(path, "w") as f:
-        f.create_dataset("observations/qpos", data=state)
-        f.create_dataset("action", data=actions)
-        for cam, frames in images.items():
-            frames = np.asarray(frames, np.uint8)
-            if frames.shape[0] != len(state) or frames.ndim != 4:
-                raise ValueError(f"camera '{cam}': shape {frames.shape}, expected ({len(state)}, H, W, 3)")
-            # one chunk per frame: a sample reads one frame without touching the rest
-            f.create_dataset(f"observations/images/{cam}", data=frames, chunks=(1, *frames.shape[1:]))
-        if prompt is not None:
-            f.attrs["prompt"] = prompt
-        if fps is not None:
-            f.attrs["fps"] = fps
-
-
-def _read_hdf5_episode(path):
-    """State, actions, camera shapes and root attributes of one ALOHA-layout file, checked."""
-    with h5py.File(path, "r") as f:
-        for key in ("observations/qpos", "action", "observations/images"):
-            if key not in f:
-                raise KeyError(f"{path}: missing dataset '/{key}' (ALOHA layout)")
-        state, actions = f["observations/qpos"][()], f["action"][()]
-        if len(state) != len(actions) or state.ndim != 2 or actions.ndim != 2:
-            raise ValueError(f"{path}: '/observations/qpos' {state.shape} and '/action' {actions.shape} "
-                             "must be (T, S) and (T, A) with the same T")
-        shapes = {c: f[f"observations/images/{c}"].shape for c in f["observations/images"]}
-        for c, shape in shapes.items():
-            if len(shape) != 4 or shape[0] != len(state):
-                raise ValueError(f"{path}: '/observations/images/{c}' has shape {shape}, expected "
-                                 f"({len(state)}, H, W, 3) (compressed images are not supported)")
-        attrs = {k: f.attrs[k] for k in ("prompt", "fps") if k in f.attrs}
-    if isinstance(attrs.get("prompt"), bytes):
-        attrs["prompt"] = attrs["prompt"].decode()
-    return state.astype(np.float32), actions.astype(np.float32), shapes, attrs
-
-
-class HDF5Dataset(EpisodeFrames):
-    """ALOHA-style HDF5 episodes (one file per episode): a directory, a file, or a list of files.
-
-    The prompt and fps come from the file's root attributes when present, else from the
-    arguments; if neither gives one, it is an error (no silent default)."""
-
-    def __init__(self, paths, chunk_size=50, *, prompt=None, fps=None, action_fps=None, cameras=None):
-        if isinstance(paths, (str, Path)):
-            p = Path(paths)
-            paths = sorted([*p.glob("*.hdf5"), *p.glob("*.h5")]) if p.is_dir() else [p]
-        self.files = [Path(p) for p in paths]
-        if not self.files:
-            raise FileNotFoundError("no HDF5 episodes given (a folder of *.hdf5 / *.h5, a file or a list)")
-        self.chunk_size, self.action_fps = chunk_size, action_fps
-        episodes = [_read_hdf5_episode(path) for path in self.files]
-        self.prompts, all_fps = [], set()
-        for path, (_, _, shapes, attrs) in zip(self.files, episodes):
-            if set(shapes) != set(episodes[0][2]):
-                raise KeyError(f"{path}: cameras {sorted(shapes)} differ from {sorted(episodes[0][2])} "
-                               f"in {self.files[0]}")
-            if "prompt" not in attrs and prompt is None:
-                raise ValueError(f"{path}: no prompt: store root attribute 'prompt' or pass prompt=")
-            self.prompts.append(str(attrs.get("prompt", prompt)))
-            if attrs.get("fps", fps) is None:
-                raise ValueError(f"{path}: no fps: store root attribute 'fps' or pass fps= (ALOHA: 50)")
-            all_fps.add(float(attrs.get("fps", fps)))
-        if len(all_fps) > 1:
-            raise ValueError(f"{self.files[0].parent}: episodes disagree on fps: {sorted(all_fps)}")
-        self.fps = all_fps.pop()
-        self.image_shapes = {c: shape[1:] for c, shape in episodes[0][2].items()}
-        self.cameras = sorted(self.image_shapes) if cameras is None else list(cameras)
-        for cam in self.cameras:
-            if cam not in self.image_shapes:
-                raise KeyError(f"{self.files[0]}: no camera '{cam}' (cameras: {sorted(self.image_shapes)})")
-        self.tasks = list(dict.fromkeys(self.prompts))
-        self.state = np.concatenate([e[0] for e in episodes])
-        self.actions = np.concatenate([e[1] for e in episodes])
-        self._set_episodes([len(e[0]) for e in episodes])
-        self._check_finite(self.state, "/observations/qpos", self.files, self.row_episode)
-        self._check_finite(self.actions, "/action", self.files, self.row_episode)
-
-    def __getitem__(self, i):
-        i = int(i)
-        actions, is_pad = self._chunk(i)
-        ep = int(self.row_episode[i])
-        t = i - int(self.ep_start[ep])
-        # opened per sample: h5py handles must not be shared across forked DataLoader workers
-        with h5py.File(self.files[ep], "r") as f:
-            images = {cam: f[f"observations/images/{cam}"][t] for cam in self.cameras}
-        return dict(images=images, state=self.state[i], actions=actions, action_is_pad=is_pad,
-                    prompt=self.prompts[ep], episode_index=ep, frame_index=t, index=i,
-                    timestamp=t / self.fps, task_index=self.tasks.index(self.prompts[ep]))
-
-    def describe(self):
-        return dict(format="HDF5 (ALOHA layout)", files=len(self.files), fps=self.fps,
-                    episodes=self.num_episodes, frames=len(self), tasks=self.tasks,
-                    cameras={c: str(self.image_shapes[c]) for c in self.cameras},
-                    state=self.state.shape[1], actions=self.actions.shape[1])
-
-
-def open_dataset(path, chunk_size=50, **kwargs):
-    """A LeRobot directory (has meta/info.json) or HDF5 episodes (a .hdf5 / .h5 file or a folder)."""
-    p = Path(path)
-    if (p / "meta" / "info.json").exists():
-        return LeRobotDataset(p, chunk_size, **kwargs)
-    if p.suffix in (".hdf5", ".h5") or (p.is_dir() and any([*p.glob("*.hdf5"), *p.glob("*.h5")])):
-        return HDF5Dataset(p, chunk_size, **kwargs)
-    raise FileNotFoundError(f"{p}: neither a LeRobot dataset (meta/info.json) nor HDF5 episodes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,6 +271,9 @@ class Transforms:
     state_dim: int | None = 32          # model width to pad to; None: no padding (pi0-FAST)
     action_dim: int | None = 32
     image_size: int = 224
+    # training targets written as tokens, from the model file (pi0.5's FAST targets, pi0-FAST's
+    # answer): (prompt, normalized state, normalized unpadded actions) -> extra batch keys
+    targets: Callable | None = None
 
     def __post_init__(self):
         self.stats_source = "norm_stats"
@@ -734,6 +315,8 @@ class Transforms:
             if self.delta_mask is not None:
                 actions = delta_actions(actions, raw_state, self.delta_mask)
             actions = self._normalize(actions, "actions")
+            if self.targets is not None:
+                out.update(self.targets(sample["prompt"], state, actions))
             width = self.action_dim or actions.shape[-1]
             actions, dim_mask = pad_last(actions, width)
             step_mask = ~np.asarray(sample.get("action_is_pad", np.zeros(len(actions), bool)))
@@ -742,7 +325,10 @@ class Transforms:
 
 
 def collate(samples):
-    """List of model samples -> the batch dict of DESIGN.md (torch tensors, leading axis B)."""
+    """List of model samples -> the batch dict (keys, dtypes, shapes: the module docstring).
+
+    Every key is stacked along a new leading axis B; samples must agree on each key's shape (a
+    Mixture checks its datasets' image size, views, widths and chunk size up front)."""
     batch = {}
     for key in samples[0]:
         shapes = {np.shape(s[key]) for s in samples}

@@ -9,14 +9,12 @@ An action chunk (C, A) becomes a short list of integer ids in three steps:
   3. Byte-pair encoding of the symbols: the long runs of zero coefficients collapse into few tokens.
 Decoding runs the steps backwards. The rounding is the only loss: at most 0.5/scale per coefficient.
 
-One class covers two flavours:
-  - our own tokenizer (`FASTTokenizer.fit`, then `save`/`load` as a small JSON file). Symbol s has
-    id s, and each merge takes the next id, as in minbpe.
-  - the universal tokenizer of the HF repo `physical-intelligence/fast` (`load(directory)`), a
-    HuggingFace `tokenizers` ByteLevel BPE. There each symbol becomes the character chr(s); the
-    string is split by the GPT-2 regex, each piece's UTF-8 bytes are spelled in GPT-2's byte
-    alphabet, and the merges run inside each piece. We reproduce its ids exactly, so openpi
-    checkpoints see the tokens they were trained on.
+Our own tokenizer is learned with `FASTTokenizer.fit` and kept with `save`/`load` as a small JSON
+file: symbol s has id s, a whole chunk is one word, and each merge takes the next id, as in minbpe.
+The same class also runs the universal tokenizer of the HF repo `physical-intelligence/fast`
+(`load(directory)`): there BPE merges the UTF-8 bytes of chr(symbol), within pieces of a GPT-2
+regex split. That spelling is a `pretokenizer` object, which fast_universal.py provides with the
+HF file reader; this file only asks it for the words of a chunk and for the symbols of some units.
 
 Unlike the reference processor, bad input raises: coefficients outside the tokenizer's range, unknown
 ids, and token lists that do not fill the chunk. The reference clamps the first silently and turns
@@ -31,7 +29,6 @@ import json
 import math
 import os
 import time
-import unicodedata
 
 import numpy as np
 
@@ -60,67 +57,6 @@ def idct(coeff, axis=0):
     """Inverse of `dct` (the orthonormal DCT-III), equal to scipy.fft.idct(..., norm="ortho")."""
     c = np.moveaxis(np.asarray(coeff, dtype=np.float64), axis, 0)
     return np.moveaxis(np.tensordot(_dct_matrix(c.shape[0]).T, c, axes=1), 0, axis)
-
-
-# ----------------------------------------------------------------------------------------------
-# The HuggingFace ByteLevel pre-tokenizer, which the universal tokenizer needs
-
-
-def _bytes_to_unicode():
-    """GPT-2's table byte -> printable character, in which ByteLevel vocab strings are spelled.
-
-    Printable bytes stand for themselves. The other 68 (controls, space, 0x7f-0xa0, 0xad) move to
-    chr(256), chr(257), ... in byte order, so the space byte 0x20 reads 'Ġ' and 0x00 reads 'Ā'.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
-
-
-BYTE_TO_CHAR = _bytes_to_unicode()
-CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
-
-
-def _char_class(c):
-    """'L' letter, 'N' number, 's' space, 'o' other, as Oniguruma (HF tokenizers' regex) sees c.
-
-    Its \\s is 0x09-0x0d, 0x85 and the Z* categories; Python's str.isspace() would add 0x1c-0x1f.
-    Python 3.11 has Unicode 14 tables; checked equal to tokenizers 0.23 on U+0000-U+1C88.
-    """
-    cat = unicodedata.category(c)
-    if cat[0] in "LN":
-        return cat[0]
-    if cat in ("Zs", "Zl", "Zp") or c in "\t\n\x0b\x0c\r\x85":
-        return "s"
-    return "o"
-
-
-_CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")
-
-
-def _gpt2_split(text):
-    r"""Split text like the GPT-2 regex of the ByteLevel pre-tokenizer (use_regex=True):
-    's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-    written as a scanner, so that this file needs no `regex` package. BPE never merges across pieces.
-    """
-    pieces, i, n = [], 0, len(text)
-    while i < n:
-        if text[i] == "'":  # the English contractions come first in the alternation
-            tail = next((t for t in _CONTRACTIONS if text.startswith(t, i + 1)), "")
-            if tail:
-                pieces.append(text[i:i + 1 + len(tail)])
-                i += 1 + len(tail)
-                continue
-        # " ?X+" for X = letters, numbers, others: an optional plain space, then a run of one class
-        k = i + 1 if text[i] == " " and i + 1 < n and _char_class(text[i + 1]) != "s" else i
-        cls, j = _char_class(text[k]), k + 1
-        while j < n and _char_class(text[j]) == cls:
-            j += 1
-        if cls == "s" and j < n and j - i > 1:
-            j -= 1  # \s+(?!\S): a space run leaves its last char to prefix the next word
-        pieces.append(text[i:j])
-        i = j
-    return pieces
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,25 +100,31 @@ class FASTTokenizer:
     vocab[id] is the tuple of units the token stands for: symbols in our own tokenizers, UTF-8
     bytes in a byte-level (HF) one. merges maps a pair of ids to the merged id, in priority order.
     base maps a unit to its one-unit token.
+
+    pretokenizer says how symbols become BPE units. None (our own tokenizers): the symbols are
+    the units and a chunk is one word. Otherwise an object with `words(symbols)` -> lists of
+    units (BPE never merges across two), `symbols(units, strict=True)` -> symbols (the inverse,
+    raising ValueError on units that spell none; strict=False skips them), `max_symbol` (the
+    largest symbol it spells) and `kind` (its name in repr): fast_universal.ByteLevel is one.
     """
 
     def __init__(self, vocab, merges, base, *, scale=10.0, min_token=0, time_horizon=None,
-                 action_dim=None, byte_level=None):
+                 action_dim=None, pretokenizer=None):
         self.vocab, self.base = vocab, base
         self.merges = {(a, b): new for a, b, new in merges}  # dict order = merge rank
         self.rank = {pair: r for r, pair in enumerate(self.merges)}
         self.scale, self.min_token = float(scale), int(min_token)
         self.time_horizon, self.action_dim = time_horizon, action_dim  # None: any (universal)
-        self.byte_level = byte_level  # None, or the HF pre-tokenizer options
-        # our own tokenizers know symbols 0..len(base)-1; HF ones any chr() short of the surrogates
-        self.max_symbol = 0xD7FF if byte_level is not None else len(base) - 1
+        self.pretokenizer = pretokenizer
+        # our own tokenizers know symbols 0..len(base)-1; a pretokenizer says its own range
+        self.max_symbol = len(base) - 1 if pretokenizer is None else pretokenizer.max_symbol
 
     @property
     def vocab_size(self):
         return len(self.vocab)
 
     def __repr__(self):
-        kind = "own" if self.byte_level is None else "HF byte-level"
+        kind = "own" if self.pretokenizer is None else self.pretokenizer.kind
         return (f"FASTTokenizer({kind}, vocab {self.vocab_size}, scale {self.scale:g}, "
                 f"min_token {self.min_token}, chunk {self.time_horizon}x{self.action_dim})")
 
@@ -229,11 +171,9 @@ class FASTTokenizer:
 
     def _words(self, symbols):
         """Symbols -> the unit sequences that BPE runs on, one per pre-tokenized piece."""
-        if self.byte_level is None:
+        if self.pretokenizer is None:
             return [[int(s) for s in symbols]]  # our own tokenizer: a chunk is one word
-        text = "".join(map(chr, symbols))  # the string the HF processor hands to its BPE
-        pieces = _gpt2_split(text) if self.byte_level["use_regex"] else [text]
-        return [list(p.encode("utf-8")) for p in pieces]
+        return self.pretokenizer.words(symbols)
 
     def _bpe(self, units):
         """One-unit tokens, then apply the highest-priority merge present until none is (minbpe)."""
@@ -253,18 +193,14 @@ class FASTTokenizer:
         return [i for word in self._words(self.chunk_to_symbols(chunk, clip)) for i in self._bpe(word)]
 
     def ids_to_symbols(self, ids):
-        """Token ids -> symbols. Raises on an unknown id or on bytes that are not valid UTF-8."""
+        """Token ids -> symbols. Raises on an unknown id, or on units that spell no symbol (HF:
+        bytes that are not valid UTF-8)."""
         units = []
         for i in map(int, ids):
             if not 0 <= i < len(self.vocab):
                 raise ValueError(f"token id {i} is not in the vocabulary (size {len(self.vocab)})")
             units.extend(self.vocab[i])
-        if self.byte_level is None:
-            return units
-        try:  # HF decodes lossily: U+FFFD would become a meaningless coefficient
-            return [ord(c) for c in bytes(units).decode("utf-8")]
-        except UnicodeDecodeError as e:
-            raise ValueError(f"tokens do not spell valid UTF-8: {e.reason} at byte {e.start}") from None
+        return units if self.pretokenizer is None else self.pretokenizer.symbols(units)
 
     def decode(self, ids, time_horizon=None, action_dim=None, strict=True):
         """Token ids -> one (C, A) chunk. C and A default to the tokenizer's fixed ones.
@@ -294,8 +230,8 @@ class FASTTokenizer:
         if c is None:
             raise ValueError("decode(strict=False) needs time_horizon: this tokenizer has none fixed")
         units = [u for i in map(int, ids) if 0 <= i < len(self.vocab) for u in self.vocab[i]]
-        if self.byte_level is not None:
-            units = [ord(ch) for ch in bytes(units).decode("utf-8", errors="ignore")]
+        if self.pretokenizer is not None:
+            units = self.pretokenizer.symbols(units, strict=False)
         rows = min(len(units) // a, c)
         symbols = np.full(c * a, -self.min_token)  # the symbol of a zero coefficient
         symbols[:rows * a] = np.clip(units[:rows * a], 0, self.max_symbol)
@@ -346,7 +282,7 @@ class FASTTokenizer:
 
     def save(self, path):
         """Write our JSON format: merge i (a pair of ids) creates id num_symbols + i."""
-        if self.byte_level is not None:
+        if self.pretokenizer is not None:
             raise ValueError("a tokenizer loaded from HF files is saved by copying its directory")
         if list(self.merges.values()) != list(range(len(self.base), len(self.vocab))):
             raise ValueError("save needs merge i to create id num_symbols + i, as fit makes them")
@@ -361,7 +297,8 @@ class FASTTokenizer:
     def load(cls, path):
         """Read our JSON file, or an HF FAST processor's directory (`physical-intelligence/fast`)."""
         if os.path.isdir(path):
-            return cls._load_hf(path)
+            import fast_universal  # here, not at the top: fast_universal imports this file
+            return fast_universal.load(path, cls)
         with open(path) as f:
             cfg = json.load(f)
         if cfg.get("format") != "fast-tokenizer" or cfg.get("version") != 1:
@@ -376,54 +313,6 @@ class FASTTokenizer:
         return cls(vocab, merges, {s: s for s in range(n)}, scale=cfg["scale"],
                    min_token=cfg["min_token"], time_horizon=cfg["time_horizon"],
                    action_dim=cfg["action_dim"])
-
-    @classmethod
-    def _load_hf(cls, path):
-        """tokenizer.json (an HF `tokenizers` ByteLevel BPE) + processor_config.json (scale etc.)."""
-        tok_file = os.path.join(path, "tokenizer.json")
-        with open(tok_file, encoding="utf-8") as f:
-            tok = json.load(f)
-        with open(os.path.join(path, "processor_config.json")) as f:
-            proc = json.load(f)
-        model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
-        post, dec = tok.get("post_processor") or {"type": "ByteLevel"}, tok.get("decoder") or {}
-        # the FAST processor writes a plain ByteLevel BPE; refuse anything that would change the ids
-        unsupported = [name for name, bad in [
-            ("model type", model.get("type") != "BPE"),
-            ("dropout", model.get("dropout") not in (None, 0)),
-            ("continuing_subword_prefix", model.get("continuing_subword_prefix") not in (None, "")),
-            ("end_of_word_suffix", model.get("end_of_word_suffix") not in (None, "")),
-            ("ignore_merges", model.get("ignore_merges")),
-            ("byte_fallback", model.get("byte_fallback")),
-            ("normalizer", tok.get("normalizer") is not None),
-            ("added_tokens", tok.get("added_tokens")),
-            ("pre_tokenizer type", pre.get("type") != "ByteLevel"),
-            ("add_prefix_space", pre.get("add_prefix_space", True)),  # decode could not undo it
-            ("post_processor type", post.get("type") != "ByteLevel"),
-            ("decoder type", dec.get("type") != "ByteLevel"),
-        ] if bad]
-        if unsupported:
-            raise ValueError(f"{tok_file}: unsupported setting(s): {', '.join(unsupported)}")
-        ids = model["vocab"]
-        if sorted(ids.values()) != list(range(len(ids))):
-            raise ValueError(f"{tok_file}: vocab ids are not 0..{len(ids) - 1}")
-        # The ByteLevel decoder reads a token through the byte table when all its chars are in it.
-        # The FAST trainer also put chr(0..max) in the alphabet: those decode as their own UTF-8.
-        vocab = [b""] * len(ids)
-        for s, i in ids.items():
-            byte_level = set(s) <= CHAR_TO_BYTE.keys()
-            vocab[i] = bytes(CHAR_TO_BYTE[ch] for ch in s) if byte_level else s.encode()
-        merges = []
-        for m in model["merges"]:
-            x, y = m.split(" ") if isinstance(m, str) else m  # "a b" in older files, ["a", "b"] now
-            if not {x, y, x + y} <= ids.keys() or vocab[ids[x + y]] != vocab[ids[x]] + vocab[ids[y]]:
-                raise ValueError(f"{tok_file}: merge {m!r} does not match the vocab")
-            merges.append((ids[x], ids[y], ids[x + y]))
-        base = {b: ids[ch] for b, ch in BYTE_TO_CHAR.items() if ch in ids}
-        return cls([tuple(v) for v in vocab], merges, base, scale=proc["scale"],
-                   min_token=proc["min_token"], time_horizon=proc.get("time_horizon"),
-                   action_dim=proc.get("action_dim"),
-                   byte_level={"use_regex": pre.get("use_regex", True)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +369,7 @@ def smooth_chunks(n, chunk=32, action_dim=7, seed=0):
 
 
 def _read_chunks(path, chunk, max_chunks, norm_stats=None):
-    """(N, C, A) chunks from a .npy / .npz file, or frames' chunks of a dataset (via data.py)."""
+    """(N, C, A) chunks from a .npy / .npz file, or frames' chunks of a dataset (via readers.py)."""
     # a random subset keeps fit's memory and time in check; the merges settle long before
     subset = lambda n: np.sort(np.random.default_rng(0).permutation(n)[:max_chunks])
     if path.endswith((".npy", ".npz")):
@@ -492,10 +381,10 @@ def _read_chunks(path, chunk, max_chunks, norm_stats=None):
         chunks = np.asarray(x, dtype=np.float64)[subset(len(x))]
     else:
         try:  # imported here, so that this file can be copied alone into another project
-            import data
+            import readers
         except ImportError as e:
-            raise SystemExit(f"--data {path}: not a .npy/.npz of chunks, and no data.py ({e})")
-        ds = data.open_dataset(path, chunk_size=chunk)
+            raise SystemExit(f"--data {path}: not a .npy/.npz of chunks, and no readers.py ({e})")
+        ds = readers.open_dataset(path, chunk_size=chunk)
         chunks = np.asarray(ds.action_chunks(subset(len(ds)))[0], dtype=np.float64)  # no images
     if norm_stats is None:
         return chunks
@@ -528,7 +417,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="learn a tokenizer from action chunks")
     fit.add_argument("--data", required=True, help="(N, C, A) chunks as .npy/.npz, or a LeRobot / "
-                     "HDF5 dataset (read with data.py)")
+                     "HDF5 dataset (read with readers.py)")
     fit.add_argument("--norm-stats", default=None, help="openpi norm_stats.json: quantile-normalize "
                      "the actions as the model will see them (else they are used as they are)")
     fit.add_argument("--out", required=True, help="where to write the tokenizer JSON")
