@@ -5,8 +5,8 @@
 
 CHECKPOINT is an openpi checkpoint: a released one (`<dir>/params/`, `<dir>/assets/`), a training
 step (`<exp>/<step>/params/`, every leaf ending in an extra `value` key), or its params/ folder.
-OUT gets our checkpoint contract (DESIGN.md): model.safetensors with our names, config.json, and
-norm_stats.json from the checkpoint's assets.
+OUT gets our checkpoint directory (models.py): model.safetensors with our names, config.json,
+and norm_stats.json from the checkpoint's assets.
 
 openpi stores parameters as a nested dict of arrays in an orbax checkpoint (an OCDBT key-value
 store of zstd-compressed zarr arrays plus a `_METADATA` json tree), read here with tensorstore.
@@ -38,11 +38,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from paligemma import GemmaConfig, SiglipConfig
-from pi0 import Pi0, Pi0Config, save_pretrained
-from pi05 import Pi05, Pi05Config
-from pi0_fast import Pi0Fast, Pi0FastConfig
-
-MODELS = {"pi0": (Pi0Config, Pi0), "pi05": (Pi05Config, Pi05), "pi0_fast": (Pi0FastConfig, Pi0Fast)}
+from models import MODELS, model_file, save_pretrained
 
 # -- reshapes: each takes one openpi array (one layer's slice for scanned weights) ---------------
 linear = lambda x: x.T                                            # Dense [in, out] -> [out, in]
@@ -89,9 +85,9 @@ def mapping_table(model):
         ("PaliGemma/img/head/bias", "vision.head.bias", same),
         ("PaliGemma/llm/embedder/input_embedding", "llm.embed.weight", same),  # tied with logits
     ]
-    for e, expert in enumerate(model.llm.experts):
+    for e, final_norm in enumerate(model.llm.final_norms):
         s = "" if e == 0 else f"_{e}"  # openpi suffixes the action expert's weights with _1
-        ours, src = f"llm.experts.{e}.layers.{{l}}", "PaliGemma/llm/layers"
+        ours, src = f"llm.layers.{{l}}.experts.{e}", "PaliGemma/llm/layers"
         rows += [
             (f"{src}/attn/q_einsum{s}/w", f"{ours}.q_proj.weight", q_einsum),
             (f"{src}/attn/kv_einsum{s}/w", (f"{ours}.k_proj.weight", f"{ours}.v_proj.weight"), kv_einsum),
@@ -101,9 +97,9 @@ def mapping_table(model):
         ]
         norms = [(f"{src}/pre_attention_norm{s}", f"{ours}.attn_norm"),
                  (f"{src}/pre_ffw_norm{s}", f"{ours}.mlp_norm"),
-                 (f"PaliGemma/llm/final_norm{s}", f"llm.experts.{e}.final_norm")]
+                 (f"PaliGemma/llm/final_norm{s}", f"llm.final_norms.{e}")]
         for jax_norm, our_norm in norms:
-            if hasattr(expert.final_norm, "dense"):  # pi0.5 adaRMS: a Dense cond -> 3W
+            if final_norm.adaptive:  # pi0.5 adaRMS: a Dense cond -> 3W
                 rows += [(f"{jax_norm}/Dense_0/kernel", f"{our_norm}.dense.weight", linear),
                          (f"{jax_norm}/Dense_0/bias", f"{our_norm}.dense.bias", same)]
             else:  # plain RMSNorm: the raw scale, used as (1 + scale) in the forward
@@ -124,7 +120,7 @@ def openpi_to_state_dict(flat_params, model, dtype=torch.float32, progress=None)
     """
     flat_params = {k.removesuffix("/value"): v for k, v in flat_params.items()}  # training layout
     own = model.state_dict()
-    depth = {"vision": len(model.vision.blocks), "llm": len(model.llm.experts[0].layers)}
+    depth = {"vision": len(model.vision.blocks), "llm": len(model.llm.layers)}
     state, errors, used = {}, [], set()
     for src, dst, fn in mapping_table(model):
         if src not in flat_params:
@@ -215,12 +211,12 @@ def config_from_shapes(shapes, name, action_horizon=None, max_token_len=None, ca
         action_dim = stored
     flags = dict(action_dim=action_dim, action_horizon=action_horizon,
                  max_token_len=max_token_len, cameras=cameras and tuple(cameras))
-    return MODELS[name][0](**kwargs, **{k: v for k, v in flags.items() if v is not None})
+    return model_file(name).Config(**kwargs, **{k: v for k, v in flags.items() if v is not None})
 
 
 def openpi_shapes(cfg):
     """{openpi path: shape} that openpi writes for one of our configs: the inverse of the two
-    functions above, used to fake full-size checkpoints (openpi_spec.md section 6.2)."""
+    functions above, used to fake full-size checkpoints (selftest-full)."""
     v, img, blk = cfg.vision, "PaliGemma/img", "PaliGemma/img/Transformer/encoderblock"
     a, L, W, N, F = f"{blk}/MultiHeadDotProductAttention_0", v.depth, v.width, v.num_heads, v.mlp_dim
     dense = lambda name, kernel, bias, lead=(): {f"{name}/kernel": (*lead, *kernel),
@@ -374,7 +370,7 @@ def model_from_params(flat_params, model=None, dtype=torch.float32, progress=Fal
                          "pi0.5 time_mlp_in and adaRMS norms, pi0-FAST no `_1` action expert)")
     cfg = config_from_shapes(shapes, name, **flags)
     with torch.device("meta"):
-        net = MODELS[name][1](cfg)
+        net = model_file(name).Model(cfg)
     with tqdm(total=sum(math.prod(s) for s in shapes.values()), unit="param", unit_scale=True,
               desc="read + convert", disable=not progress) as bar:
         net.load_state_dict(openpi_to_state_dict(flat_params, net, dtype, bar), assign=True)
@@ -425,7 +421,7 @@ def convert(checkpoint, out, model=None, dtype="fp32", asset_id=None, **flags):
 def selftest_full(workdir, model="pi05", dtype="fp32"):
     """Fake an openpi checkpoint of the full-size model (constant weights) and convert it in a
     fresh process, which reports its peak memory: the converter's whole footprint."""
-    cfg = MODELS[model][0]()  # the defaults are openpi's full-size model
+    cfg = model_file(model).Config()  # the defaults are openpi's full-size model
     params_dir = os.path.join(workdir, "openpi", "params")
     os.makedirs(params_dir, exist_ok=True)
     shapes = openpi_shapes(cfg)

@@ -26,6 +26,7 @@ On CPU the tests run everything in fp32 and match the JAX fixtures to ~1e-5.
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -157,45 +158,56 @@ class SigLIP(nn.Module):
 # Gemma building blocks
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm, plain or adaptive.
+    """Gemma's RMSNorm, plain or adaptive, in two steps: modulation(cond), then forward(x, mod).
 
     Plain:    y = x / rms(x) * (1 + scale), with scale zero-initialised (Gemma stores w - 1).
     Adaptive (pi0.5's adaRMS, conditioned on the flow-matching time): a Linear on the condition
     gives (scale, shift, gate); y = x / rms(x) * (1 + scale) + shift, and the gate multiplies the
     residual branch that follows. There is no learned scale vector in the adaptive form.
-    Returns (y, gate); gate is None for the plain form.
+    The modulation is split out because it depends on the condition alone: the fast sampler
+    computes it once per Euler time instead of once per call.
     """
 
     def __init__(self, width: int, cond_width: int | None = None):
         super().__init__()
-        if cond_width is None:
+        self.adaptive = cond_width is not None
+        if not self.adaptive:
             self.scale = nn.Parameter(torch.zeros(width))
         else:
             self.dense = nn.Linear(cond_width, 3 * width)
             nn.init.zeros_(self.dense.weight)  # zero init: starts as a plain norm with gate 0
             nn.init.zeros_(self.dense.bias)
 
-    def forward(self, x, cond=None):  # x: (B, T, W), cond: (B, C) or None
-        xf = x.float()  # statistics and the multiply in fp32
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        if not hasattr(self, "dense"):
-            return (normed * (1 + self.scale.float())).to(x.dtype), None
+    def modulation(self, cond=None):
+        """(mul, shift, gate): mul = 1 + scale in fp32, (W,) or (B, 1, W); shift, gate None or (B, 1, W)."""
+        if not self.adaptive:
+            return 1 + self.scale.float(), None, None
         if cond is None:
             raise ValueError("this adaptive RMSNorm needs a conditioning vector (the time embedding)")
         scale, shift, gate = self.dense(cond)[:, None, :].chunk(3, dim=-1)  # each (B, 1, W)
-        return (normed * (1 + scale.float()) + shift.float()).to(x.dtype), gate
+        return 1 + scale.float(), shift.float(), gate
+
+    def forward(self, x, mod):  # x: (B, T, W), mod: self.modulation(cond) -> (y, gate)
+        mul, shift, gate = mod
+        xf = x.float()  # statistics and the multiply in fp32
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * mul
+        return (y if shift is None else y + shift).to(x.dtype), gate
 
 
-def rope(x, positions, base=10_000.0):
+def rope_tables(positions, head_dim, base=10_000.0):
+    """RoPE's cos and sin for positions (B, T) int -> each (B, T, 1, H/2), fp32; once per call."""
+    timescale = base ** ((2.0 / head_dim) * torch.arange(head_dim // 2, device=positions.device,
+                                                         dtype=torch.float32))
+    radians = positions.float()[..., None] / timescale  # (B, T, H/2)
+    return torch.cos(radians)[:, :, None, :], torch.sin(radians)[:, :, None, :]
+
+
+def rope(x, cos, sin):
     """Rotary position embedding, split-half convention, computed in fp32.
 
-    x: (B, T, heads, H); positions: (B, T) int. The first and second halves of each head vector
-    are rotated as pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), not interleaved pairs.
+    x: (B, T, heads, H). The first and second halves of each head vector are rotated as pairs
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), not interleaved pairs.
     """
-    H = x.shape[-1]
-    timescale = base ** ((2.0 / H) * torch.arange(H // 2, device=x.device, dtype=torch.float32))
-    radians = positions.float()[..., None] / timescale  # (B, T, H/2)
-    sin, cos = torch.sin(radians)[:, :, None, :], torch.cos(radians)[:, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -216,13 +228,58 @@ def attention(q, k, v, mask):
     return out.reshape(B, T, N * H)
 
 
-class GemmaLayer(nn.Module):
-    """One expert's weights for one layer: norms, q/k/v/out projections, GeGLU MLP. No biases."""
+class KVCache:
+    """Keys (after RoPE) and values of the tokens later calls attend to: one static cache.
+
+    As in gpt-fast, each layer's buffers are allocated once, (B, max_len, K, H), on the first
+    write (so they take the dtype the model computes in), and written in place: no torch.cat,
+    fixed shapes for torch.compile and CUDA graphs. A call of T tokens writes its keys and values
+    at slots [length, length + T) and its queries attend to slots [0, length + T), so the call's
+    attention mask is (B, T, length + T). `length` moves only when the caller keeps the tokens
+    (`cache.length += T`):
+      - pi0 / pi0.5 sampling keeps the prefix; each denoising step writes its action tokens at
+        the same slots after it, over the previous step's (nothing is kept);
+      - pi0-FAST keeps the prefix and then every decoded token;
+      - pi0.5's training (knowledge insulation) writes images + prompt + targets in the VLM pass,
+        then `prefix(P, room, detach)` gives the expert pass its own cache of the first P slots.
+    """
+
+    def __init__(self, max_len):
+        self.max_len, self.length = max_len, 0
+        self.k, self.v = {}, {}  # layer index -> (B, max_len, K, H)
+
+    def update(self, layer, k, v):
+        """Write this call's k, v (B, T, K, H) of one layer; return that layer's (B, length + T, K, H)."""
+        end = self.length + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens, this call needs {end}")
+        if layer not in self.k:
+            self.k[layer] = k.new_zeros(k.shape[0], self.max_len, *k.shape[2:])
+            self.v[layer] = v.new_zeros(v.shape[0], self.max_len, *v.shape[2:])
+        self.k[layer][:, self.length:end] = k
+        self.v[layer][:, self.length:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    def prefix(self, n, room, detach=False):
+        """A new cache holding this one's first n slots (kept) and room for `room` more tokens.
+        detach=True cuts the gradient there: pi0.5's knowledge insulation."""
+        out = KVCache(n + room)
+        out.length = n
+        for i in self.k:
+            k, v = self.k[i][:, :n], self.v[i][:, :n]
+            k, v = (k.detach(), v.detach()) if detach else (k, v)
+            out.k[i] = torch.cat([k, k.new_zeros(k.shape[0], room, *k.shape[2:])], dim=1)
+            out.v[i] = torch.cat([v, v.new_zeros(v.shape[0], room, *v.shape[2:])], dim=1)
+        return out
+
+
+class ExpertLayer(nn.Module):
+    """One expert's weights in one layer: norms, q/k/v/out projections, GeGLU MLP. No biases."""
 
     def __init__(self, cfg: GemmaConfig, cond_width: int | None = None):
         super().__init__()
         W, N, K, H = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.dropout = cfg.dropout
+        self.dropout, self.head_dim = cfg.dropout, H
         self.attn_norm = RMSNorm(W, cond_width)
         self.q_proj = nn.Linear(W, N * H, bias=False)
         self.k_proj = nn.Linear(W, K * H, bias=False)
@@ -233,26 +290,65 @@ class GemmaLayer(nn.Module):
         self.up_proj = nn.Linear(W, cfg.mlp_dim, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_dim, W, bias=False)
 
+    def qkv(self, x, mod):
+        """Pre-norm, then q (B, T, N, H), k and v (B, T, K, H), and the adaRMS gate (or None)."""
+        h, gate = self.attn_norm(x, mod)
+        B, T, _ = h.shape
+        split = lambda y: y.view(B, T, -1, self.head_dim)
+        return split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h)), gate
+
     def residual(self, x, y, gate):
         """x + gate * dropout(y); the gate (adaRMS only) scales the residual branch."""
         y = F.dropout(y, self.dropout, self.training)
         return x + y if gate is None else x + y * gate
 
-    def mlp(self, x, cond):
-        """Pre-norm GeGLU MLP with its residual: x + down(gelu(gate(h)) * up(h))."""
-        h, gate = self.mlp_norm(x, cond)
+    def finish(self, x, attn_out, gate, mlp_mod):
+        """Output projection with its residual, then the pre-norm GeGLU MLP with its own:
+        x + down(gelu(gate_proj(h)) * up_proj(h))."""
+        x = self.residual(x, self.o_proj(attn_out), gate)
+        h, mlp_gate = self.mlp_norm(x, mlp_mod)
         y = self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
-        return self.residual(x, y, gate)
+        return self.residual(x, y, mlp_gate)
 
 
-class GemmaExpert(nn.Module):
-    """All layers of one expert plus its final norm."""
+class GemmaLayer(nn.Module):
+    """One transformer layer of every expert, with ONE attention over all their tokens (openpi's
+    Block). Each expert normalizes and projects its own tokens; the queries, keys and values are
+    concatenated along the sequence (expert order: prefix first, then suffix) and attend once;
+    the output is split back and each expert finishes with its own projection and MLP."""
 
-    def __init__(self, cfg: GemmaConfig, cond_width: int | None = None):
+    def __init__(self, configs: list[GemmaConfig], cond_widths, index: int):
         super().__init__()
-        self.cfg = cfg
-        self.layers = nn.ModuleList(GemmaLayer(cfg, cond_width) for _ in range(cfg.depth))
-        self.final_norm = RMSNorm(cfg.width, cond_width)
+        self.index, self.head_dim = index, configs[0].head_dim  # index: this layer's cache slot
+        self.experts = nn.ModuleList(ExpertLayer(c, w) for c, w in zip(configs, cond_widths))
+
+    def modulations(self, conds, present):
+        """Per expert, its (attn norm, mlp norm) modulations for its condition; None if absent."""
+        return [(ex.attn_norm.modulation(conds[e]), ex.mlp_norm.modulation(conds[e])) if e in present else None
+                for e, ex in enumerate(self.experts)]
+
+    def forward(self, xs, rope_cs, mask, conds, cache=None, mods=None):
+        """xs: per expert (B, T_e, W_e), or None if that expert has no tokens in this call.
+        rope_cs: (cos, sin) of the positions of this call's tokens (rope_tables).
+        mask: (B, T, S) bool [query, key]; S = T, or cache.length + T with a cache.
+        conds: per expert, the adaRMS condition (B, C) or None; or mods, this layer's
+        modulations precomputed (self.modulations). They are computed here, inside the layer,
+        so that an FSDP unit of one layer gathers its norms' weights when it needs them.
+        Returns the new xs."""
+        present = [e for e, x in enumerate(xs) if x is not None]
+        mods = mods or self.modulations(conds, present)
+        parts = [self.experts[e].qkv(xs[e], mods[e][0]) for e in present]
+        q, k, v = (torch.cat([p[j] for p in parts], dim=1) for j in range(3))  # (B, T, ., H)
+        q = rope(q, *rope_cs) * self.head_dim ** -0.5  # scale after RoPE, as openpi does
+        k = rope(k, *rope_cs)
+        if cache is not None:  # earlier tokens' keys and values come from the cache
+            k, v = cache.update(self.index, k, v)
+        out = attention(q, k, v, mask)  # (B, T, N*H)
+        xs = list(xs)
+        lengths = [xs[e].shape[1] for e in present]
+        for e, o, (_, _, _, gate) in zip(present, out.split(lengths, dim=1), parts):
+            xs[e] = self.experts[e].finish(xs[e], o, gate, mods[e][1])
+        return xs
 
 
 class Gemma(nn.Module):
@@ -274,7 +370,13 @@ class Gemma(nn.Module):
         self.configs = configs
         self.embed = nn.Embedding(vocab_size, first.width)
         nn.init.normal_(self.embed.weight, std=first.width ** -0.5)
-        self.experts = nn.ModuleList(GemmaExpert(c, w) for c, w in zip(configs, cond_widths))
+        self.layers = nn.ModuleList(GemmaLayer(configs, cond_widths, i) for i in range(first.depth))
+        self.final_norms = nn.ModuleList(RMSNorm(c.width, w) for c, w in zip(configs, cond_widths))
+
+    def expert(self, e):
+        """Every module of expert e (its layers and final norm; not the embedding), for counting,
+        freezing or LoRA. A view: the modules stay registered where they are."""
+        return nn.ModuleList([layer.experts[e] for layer in self.layers] + [self.final_norms[e]])
 
     def embed_tokens(self, tokens):
         """(B, T) ids -> (B, T, W). Gemma multiplies token embeddings by sqrt(width)."""
@@ -284,69 +386,69 @@ class Gemma(nn.Module):
         """Next-token logits from expert-0 outputs with the tied embedding table (no scaling)."""
         return h @ self.embed.weight.t().to(h.dtype)  # (B, T, vocab)
 
-    def forward(self, xs, positions, attn_mask, conds=None, kv_cache=None, return_kv=False,
-                write_at=None):
+    def modulations(self, conds, present):
+        """Every norm's modulation for the present experts' conditions: per layer, per expert
+        (attn, mlp); then per expert the final norm's. The fast sampler precomputes these for
+        each Euler time (pi0.5's adaRMS depends on the time alone)."""
+        final = [norm.modulation(conds[e]) if e in present else None for e, norm in enumerate(self.final_norms)]
+        return [layer.modulations(conds, present) for layer in self.layers], final
+
+    def forward(self, xs, positions, attn_mask, conds=None, cache=None, mods=None):
         """Run the experts' streams through all layers with joint attention.
 
         xs: one entry per expert, (B, T_e, W_e) or None if that expert has no tokens in this call.
         positions: (B, T) RoPE positions of the present streams, concatenated in expert order.
-        attn_mask: (B, T, S) bool [query, key], S = cached tokens + T.
-        conds: per expert, the adaRMS condition (B, C) or None.
-        kv_cache: per layer (k, v), post-RoPE keys and values of earlier tokens. Two uses:
-          write_at=None: a read-only cache, each (B, S - T, K, H), put in front of this call's
-            keys (pi0's prefix: every denoising step reads it, none changes it);
-          write_at=i: a preallocated static cache, each (B, S, K, H); this call's keys are
-            written in place at [i, i + T) and the whole buffer is attended to (autoregressive
-            decoding, where attn_mask hides the slots not written yet).
-        Returns (outs, kv): outs per expert after the final norm (None where xs was None);
-          kv = per layer (k, v) of THIS call's tokens if return_kv, else None.
+        attn_mask: (B, T, S) bool [query, key]; S = T, or cache.length + T with a cache.
+        conds: per expert, the adaRMS condition (B, C) or None; or mods, their modulations
+          precomputed (self.modulations: the fast sampler's per-step constants).
+        cache: a KVCache this call writes its keys and values to and reads earlier ones from.
+        Returns per expert the outputs after the final norm (None where xs was None).
         """
         conds = conds or [None] * len(xs)
-        present = [e for e, x in enumerate(xs) if x is not None]
-        lengths = [xs[e].shape[1] for e in present]
-        xs = list(xs)
-        B, H = positions.shape[0], self.configs[0].head_dim
-        new_kv = [] if return_kv else None
-        for i in range(self.configs[0].depth):
-            layers = [self.experts[e].layers[i] for e in present]
-            # 1. each expert normalizes and projects its own tokens
-            qs, ks, vs, gates = [], [], [], []
-            for e, layer in zip(present, layers):
-                h, gate = layer.attn_norm(xs[e], conds[e])
-                T = h.shape[1]
-                qs.append(layer.q_proj(h).view(B, T, -1, H))  # (B, T_e, N, H)
-                ks.append(layer.k_proj(h).view(B, T, -1, H))  # (B, T_e, K, H)
-                vs.append(layer.v_proj(h).view(B, T, -1, H))
-                gates.append(gate)
-            # 2. one attention over the concatenated streams (prefix first, then suffix)
-            q, k, v = torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1)  # (B, T, ., H)
-            q = rope(q, positions) * H ** -0.5  # scale after RoPE, as openpi does
-            k = rope(k, positions)
-            if return_kv:
-                new_kv.append((k, v))
-            if kv_cache is not None and write_at is None:  # earlier tokens go in front
-                k = torch.cat([kv_cache[i][0], k], dim=1)  # (B, S, K, H)
-                v = torch.cat([kv_cache[i][1], v], dim=1)
-            elif kv_cache is not None:  # static cache: write in place, read the whole buffer
-                kv_cache[i][0][:, write_at:write_at + k.shape[1]] = k
-                kv_cache[i][1][:, write_at:write_at + v.shape[1]] = v
-                k, v = kv_cache[i]  # (B, S, K, H)
-            out = attention(q, k, v, attn_mask)  # (B, T, N*H)
-            # 3. split back; each expert applies its own output projection, residual and MLP
-            for e, layer, o, gate in zip(present, layers, out.split(lengths, dim=1), gates):
-                x = layer.residual(xs[e], layer.o_proj(o), gate)
-                xs[e] = layer.mlp(x, conds[e])
-        outs = [None] * len(xs)
-        for e in present:
-            outs[e], _ = self.experts[e].final_norm(xs[e], conds[e])  # the final gate is unused
-        return outs, new_kv
+        layer_mods, final_mods = mods or ([None] * len(self.layers), None)
+        rope_cs = rope_tables(positions, self.configs[0].head_dim)
+        for layer, m in zip(self.layers, layer_mods):
+            xs = layer(xs, rope_cs, attn_mask, conds, cache, m)
+        final_mods = final_mods or [norm.modulation(c) if x is not None else None
+                                    for norm, c, x in zip(self.final_norms, conds, xs)]
+        return [self.final_norms[e](x, final_mods[e])[0] if x is not None else None  # final gate unused
+                for e, x in enumerate(xs)]
 
 
 # ----------------------------------------------------------------------------------------------
-# Weight loading (shared by every model file)
+# Cost model and weight loading (shared by every model file)
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def transformer_flops(params, tokens, keys, attn_width, depth):
+    """Forward FLOPs of `tokens` tokens through a transformer whose attention sees `keys` keys:
+    2 per matmul weight per token, plus 4 * tokens * keys * width per layer for QK^T and PV."""
+    return 2 * params * tokens + 4 * tokens * keys * attn_width * depth
+
+
+def vision_flops(cfg: SiglipConfig, params, images):
+    """SigLIP's forward FLOPs for `images` images (every patch attends to every patch)."""
+    P_img = (cfg.image_size // cfg.patch) ** 2
+    return images * transformer_flops(params, P_img, P_img, cfg.width, cfg.depth)
+
+
+def upgrade_state_dict(state):
+    """Checkpoints written before the layers held every expert (llm.experts.E.layers.I.x,
+    llm.experts.E.final_norm.x) -> today's names (llm.layers.I.experts.E.x, llm.final_norms.E.x)."""
+    def rename(k):
+        m = re.fullmatch(r"llm\.experts\.(\d+)\.layers\.(\d+)\.(.+)", k)
+        if m:
+            return f"llm.layers.{m[2]}.experts.{m[1]}.{m[3]}"
+        m = re.fullmatch(r"llm\.experts\.(\d+)\.final_norm\.(.+)", k)
+        return f"llm.final_norms.{m[1]}.{m[2]}" if m else k
+    return {rename(k): v for k, v in state.items()}
+
 
 def load_state_strict(model, state):
     """Load a state dict, naming every missing, unexpected or misshapen tensor (no silent init)."""
+    state = upgrade_state_dict(state)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -371,7 +473,7 @@ if __name__ == "__main__":
     suffix = torch.randn(2, 3, expert.width)
     mask = torch.ones(2, prefix.shape[1] + 3, dtype=torch.bool)
     ar = [0] * prefix.shape[1] + [1, 0, 0]
-    outs, _ = gemma([prefix, suffix], make_positions(mask), make_attn_mask(mask, ar))
+    outs = gemma([prefix, suffix], make_positions(mask), make_attn_mask(mask, ar))
     print("prefix out", tuple(outs[0].shape), "suffix out", tuple(outs[1].shape))
     print(f"params: vision {sum(p.numel() for p in vision.parameters()):,}, "
           f"gemma {sum(p.numel() for p in gemma.parameters()):,}")

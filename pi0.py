@@ -21,9 +21,7 @@ Axis legend: B batch, V views, P prefix tokens, S suffix tokens, C chunk (action
 A action dim, W width.
 """
 
-import json
 import math
-import os
 import time as timer
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -34,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paligemma import (GEMMA_PRESETS, PALIGEMMA_VOCAB_SIZE, SIGLIP_PRESETS, Gemma, GemmaConfig,
-                       SigLIP, SiglipConfig, load_state_strict, make_attn_mask, make_positions)
+                       KVCache, SigLIP, SiglipConfig, count_params, make_attn_mask, make_positions,
+                       transformer_flops, vision_flops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +72,7 @@ CONFIGS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Time: the sine-cosine embedding and the training-time distribution
+# Flow matching: the time embedding, the training distribution of (noise, t), the straight path
 
 def posemb_sincos(t, width, min_period=4e-3, max_period=4.0):
     """Sine-cosine embedding of a scalar per example: t (B,) -> (B, width), sin half first.
@@ -89,10 +88,22 @@ def posemb_sincos(t, width, min_period=4e-3, max_period=4.0):
     return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)
 
 
-def sample_time(batch_size, device):
-    """t ~ Beta(1.5, 1) * 0.999 + 0.001: density ~ t^0.5 favours the noisy end, t in [0.001, 1)."""
-    beta = torch.distributions.Beta(torch.tensor(1.5, device=device), torch.tensor(1.0, device=device))
-    return beta.sample((batch_size,)) * 0.999 + 0.001
+def sample_noise_and_time(shape, generator=None, device=None):
+    """Noise (B, C, A) ~ N(0, 1) and time (B,) ~ Beta(1.5, 1) * 0.999 + 0.001, as openpi draws them.
+
+    Beta(1.5, 1) has density ~ t^0.5 (it favours the noisy end); it is drawn by inverting its CDF
+    t^1.5, i.e. u^(1/1.5) for u ~ U(0, 1), so a seeded generator gives the same t on any device.
+    """
+    noise = torch.randn(shape, generator=generator, device=device)
+    u = torch.rand(shape[0], generator=generator, device=device)
+    return noise, u ** (1 / 1.5) * 0.999 + 0.001
+
+
+def interpolate(actions, noise, time):
+    """The straight path from data (t = 0) to noise (t = 1) and its velocity, openpi's convention:
+    x_t = t * noise + (1 - t) * actions, u_t = dx_t/dt = noise - actions. (B, C, A), time (B,)."""
+    t = time[:, None, None]
+    return t * noise + (1 - t) * actions, noise - actions
 
 
 def valid_steps(batch):
@@ -117,6 +128,8 @@ def euler_times(num_steps):
 # The model
 
 class Pi0(nn.Module):
+    state_token = True  # the suffix starts with one state token (pi0.5 writes the state as text)
+
     def __init__(self, cfg: Pi0Config):
         super().__init__()
         self.cfg = cfg
@@ -127,7 +140,7 @@ class Pi0(nn.Module):
         self.action_out_proj = nn.Linear(W, cfg.action_dim)
         self.build_time_conditioning()
 
-    # pi0.5 (pi05.py) overrides the three methods below: that is the whole architectural diff.
+    # pi0.5 (pi05.py) overrides the four methods below: that is the whole architectural diff.
     def cond_widths(self):
         return None  # pi0: plain RMSNorm in both experts
 
@@ -145,7 +158,7 @@ class Pi0(nn.Module):
         ar mask (1 + C,), adaRMS condition (None for pi0).
         """
         B, C, _ = x_t.shape
-        state_token = self.state_proj(state)[:, None, :]  # (B, 1, W)
+        state_token = self.embed_state(state)  # (B, 1, W)
         actions = self.project_actions(x_t)  # (B, C, W)
         time_emb = posemb_sincos(t, actions.shape[-1]).to(actions.dtype)  # (B, W)
         h = torch.cat([actions, time_emb[:, None, :].expand(B, C, -1)], dim=-1)  # (B, C, 2W)
@@ -156,7 +169,16 @@ class Pi0(nn.Module):
         ar = torch.tensor([1, 1] + [0] * (C - 1), dtype=torch.bool, device=x_t.device)
         return tokens, mask, ar, None
 
+    def time_conditioning(self, t):
+        """The adaRMS condition of the expert's norms for times t (B,): none in pi0, whose time
+        enters through the action-time MLP above."""
+        return None
+
     # -- pieces shared by pi0 and pi0.5 --------------------------------------------------------
+
+    def embed_state(self, state):
+        """(B, A) normalized, padded state -> pi0's state token (B, 1, W)."""
+        return self.state_proj(state)[:, None, :]
 
     def project_actions(self, x_t):
         with torch.autocast(x_t.device.type, enabled=False):  # action projections stay fp32
@@ -198,52 +220,63 @@ class Pi0(nn.Module):
         suffix, suffix_mask, suffix_ar, cond = self.embed_suffix(batch["state"], x_t, t)
         mask = torch.cat([prefix_mask, suffix_mask], dim=1)
         ar = torch.cat([prefix_ar, suffix_ar])
-        (_, suffix_out), _ = self.llm([prefix, suffix], make_positions(mask),
-                                      make_attn_mask(mask, ar), conds=[None, cond])
+        _, suffix_out = self.llm([prefix, suffix], make_positions(mask), make_attn_mask(mask, ar),
+                                 conds=[None, cond])
         return self.velocity_from(suffix_out)
 
-    def compute_loss(self, batch, noise=None, time=None):
-        """Flow-matching loss per example and step, (B, C): openpi's mean over all action dims of
-        (v - u)^2. Padded dims stay in (their target is 0, as in openpi): the sampler integrates
-        every dim, and a dim whose velocity was never trained drifts off the path it had in
-        training and corrupts the real dims through the attention (a tiny pi0.5 on the built-in
-        task: 24-30% success with padded dims left out of the loss, 86% with them in). Padded
-        *steps* (batch["action_masks"] all False on that step) give 0. noise (B, C, A) and time
-        (B,) can be given (tests); otherwise they are drawn.
-        """
-        actions = batch["actions"]
-        noise = torch.randn_like(actions) if noise is None else noise
-        time = sample_time(actions.shape[0], actions.device) if time is None else time
-        t = time[:, None, None]
-        x_t = t * noise + (1 - t) * actions
-        u_t = noise - actions
-        err = (self.velocity(batch, x_t, time) - u_t).pow(2).mean(-1)  # (B, C)
+    def flow_error(self, batch, v_t, u_t):
+        """(v - u)^2 per example and step, (B, C): openpi's mean over all action dims. Padded dims
+        stay in (their target is 0, as in openpi): the sampler integrates every dim, and a dim
+        whose velocity was never trained drifts off the path it had in training and corrupts the
+        real dims through the attention (a tiny pi0.5 on the built-in task: 24-30% success with
+        padded dims left out of the loss). Padded *steps* (batch["action_masks"] all False on
+        that step, past the episode's end) give 0."""
+        err = (v_t - u_t).pow(2).mean(-1)  # (B, C)
         return err * valid_steps(batch) if "action_masks" in batch else err
+
+    def compute_loss(self, batch, noise=None, time=None):
+        """The flow-matching loss, per example and step: {"flow": (B, C)} (openpi's compute_loss).
+        noise (B, C, A) and time (B,) can be given (tests, train.py); otherwise they are drawn."""
+        actions = batch["actions"]
+        if noise is None or time is None:
+            noise, time = sample_noise_and_time(actions.shape, device=actions.device)
+        x_t, u_t = interpolate(actions, noise, time)
+        return {"flow": self.flow_error(batch, self.velocity(batch, x_t, time), u_t)}
 
     def forward(self, batch, noise=None, time=None):
         """Training entry point: a dict of scalar losses; "loss" is the one to minimise.
 
-        The mean over valid steps (every step without batch["action_masks"]).
+        Each term of compute_loss is a mean over its valid entries: "flow" over the action steps
+        of batch["action_masks"] (all steps without it), "ce" (pi0.5) over batch["target_masks"].
         """
-        per_step = self.compute_loss(batch, noise, time)  # (B, C)
-        if "action_masks" in batch:
-            valid = valid_steps(batch)
-            loss = per_step.sum() / valid.sum().clamp(min=1)
-        else:
-            loss = per_step.mean()
-        return {"loss": loss, "flow": loss}
+        per = self.compute_loss(batch, noise, time)
+        steps = valid_steps(batch) if "action_masks" in batch else torch.ones_like(per["flow"])
+        losses = {"flow": per["flow"].sum() / steps.sum().clamp(min=1)}
+        losses["loss"] = losses["flow"]
+        if "ce" in per:  # pi0.5 co-training: the weighted sum of both terms
+            tokens = batch["target_masks"].to(per["ce"].dtype)
+            losses["ce"] = (per["ce"] * tokens).sum() / tokens.sum().clamp(min=1)
+            losses["loss"] = self.cfg.flow_loss_weight * losses["flow"] + self.cfg.ce_loss_weight * losses["ce"]
+        return losses
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def prefill(self, batch, image_tokens=None):
-        """Run the prefix once: returns its input mask (B, P) and per-layer KV cache."""
+    def prefill(self, batch, image_tokens=None, cache=None):
+        """Run the prefix once into a KV cache: returns its input mask (B, P) and the cache, which
+        keeps the prefix and has room for the suffix. cache: one to reuse (the fast sampler's)."""
         prefix, prefix_mask, prefix_ar = self.embed_prefix(batch, image_tokens)
-        _, kv_cache = self.llm([prefix, None], make_positions(prefix_mask),
-                               make_attn_mask(prefix_mask, prefix_ar), return_kv=True)
-        return prefix_mask, kv_cache
+        P = prefix.shape[1]
+        if cache is None:
+            cache = KVCache(P + 1 + self.cfg.action_horizon)  # pi0's suffix: state + C actions
+        cache.length = 0
+        self.llm([prefix, None], make_positions(prefix_mask), make_attn_mask(prefix_mask, prefix_ar),
+                 cache=cache)
+        cache.length = P  # kept: every denoising step attends to it
+        return prefix_mask, cache
 
-    def denoise_step(self, state, prefix_mask, kv_cache, x_t, t):
-        """Velocity at (x_t, t) for suffix tokens that attend to the cached prefix."""
+    def denoise_step(self, state, prefix_mask, cache, x_t, t):
+        """Velocity at (x_t, t) for suffix tokens that attend to the cached prefix. The suffix is
+        written after the prefix and not kept: the next step writes over it."""
         suffix, suffix_mask, suffix_ar, cond = self.embed_suffix(state, x_t, t)
         B, S = suffix_mask.shape
         # suffix queries see every valid prefix token, and the suffix by its own ar mask
@@ -251,9 +284,23 @@ class Pi0(nn.Module):
                           make_attn_mask(suffix_mask, suffix_ar)], dim=2)  # (B, S, P + S)
         # positions continue after the valid prefix tokens
         positions = prefix_mask.sum(-1, keepdim=True) + make_positions(suffix_mask)
-        (_, out), _ = self.llm([None, suffix], positions, mask, conds=[None, cond],
-                               kv_cache=kv_cache)
+        _, out = self.llm([None, suffix], positions, mask, conds=[None, cond], cache=cache)
         return self.velocity_from(out)
+
+    def cost(self, batch_size, prefix_len, num_steps=10):
+        """Analytic cost of sampling: per phase, forward FLOPs and weight elements read (a batch
+        reads each weight once: vision and prefix once, the expert and the KV cache every step).
+        Training is about 3x the forward FLOPs of num_steps=1 (one pass, then its backward)."""
+        cfg, B, P, C = self.cfg, batch_size, prefix_len, self.cfg.action_horizon
+        g, e, V = cfg.llm, cfg.expert, len(cfg.cameras)
+        vlm, expert = count_params(self.llm.expert(0)), count_params(self.llm.expert(1))
+        S = P + int(self.state_token) + C  # keys each action token sees
+        flops = {"vision": B * vision_flops(cfg.vision, count_params(self.vision), V),
+                 "prefix": B * transformer_flops(vlm, P, P, g.num_heads * g.head_dim, g.depth),
+                 "denoise": num_steps * B * transformer_flops(expert, C, S, e.num_heads * e.head_dim, e.depth)}
+        kv = 2 * g.depth * B * S * g.num_kv_heads * g.head_dim
+        weights = {"vision": count_params(self.vision), "prefix": vlm, "denoise": num_steps * (expert + kv)}
+        return flops, weights
 
     @torch.no_grad()
     def sample_actions(self, batch, noise=None, num_steps=10):
@@ -265,17 +312,17 @@ class Pi0(nn.Module):
         device = batch["state"].device
         shape = (B, self.cfg.action_horizon, self.cfg.action_dim)
         x = torch.randn(shape, device=device) if noise is None else noise.float()
-        prefix_mask, kv_cache = self.prefill(batch)
+        prefix_mask, cache = self.prefill(batch)
         times, dt = euler_times(num_steps)
         for t in times:
             t_batch = torch.full((B,), t, dtype=torch.float32, device=device)
-            v = self.denoise_step(batch["state"], prefix_mask, kv_cache, x, t_batch)
+            v = self.denoise_step(batch["state"], prefix_mask, cache, x, t_batch)
             x = x + dt * v
         return x
 
 
 # ----------------------------------------------------------------------------------------------
-# Prompt format (openpi's PaligemmaTokenizer for pi0) and checkpoints
+# Prompt format (openpi's PaligemmaTokenizer for pi0)
 
 def pad_tokens(ids, max_len):
     """Right-pad ids with 0 to max_len -> (tokens int64, mask bool). Too long: truncate, warn."""
@@ -296,62 +343,18 @@ def tokenize_prompt(sp, prompt, max_len):
     return pad_tokens(sp.encode(clean, add_bos=True) + sp.encode("\n"), max_len)
 
 
-def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=None, state_dict=None):
-    """Write a checkpoint directory atomically: model.safetensors, config.json, norm_stats.json.
+# ----------------------------------------------------------------------------------------------
+# What the registry (models.py) reads from every model file
 
-    Everything goes to a temporary sibling first, then one rename publishes it, so a crash
-    never leaves a half-written checkpoint. An existing directory is replaced only at the end.
-    norm_stats: {"state": {"mean": ..., ...}, "actions": ...} (lists or arrays).
-    extra_files: paths copied in verbatim (e.g. a tokenizer model); json_files: {name: object}.
-    state_dict: the weights to write, if not model.state_dict() (e.g. LoRA merged into them).
-    """
-    import shutil
-
-    from safetensors.torch import save_file
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    state = state_dict if state_dict is not None else model.state_dict()
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(state, os.path.join(tmp, "model.safetensors"))
-    os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)  # safetensors writes it owner-only
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(model.cfg.to_dict(), f, indent=2)
-    if norm_stats is not None:
-        with open(os.path.join(tmp, "norm_stats.json"), "w") as f:
-            json.dump({"norm_stats": {k: {s: np.asarray(v, np.float64).tolist() for s, v in d.items()}
-                                      for k, d in norm_stats.items()}}, f, indent=2)
-    for extra in extra_files:
-        shutil.copy(extra, tmp)
-    for name, obj in (json_files or {}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=2)
-    if os.path.exists(path):  # swap: old -> .old, new -> path, then drop the old one
-        os.replace(path, f"{path}.old-{os.getpid()}")
-        os.replace(tmp, path)
-        shutil.rmtree(f"{path}.old-{os.getpid()}")
-    else:
-        os.replace(tmp, path)
+Config, Model = Pi0Config, Pi0
+FLOW = True            # flow matching: state and actions padded to cfg.action_dim
+USE_QUANTILES = False  # openpi normalizes pi0's state and actions by z-score
+target_tokenizer = None  # pi0 learns from the flow-matching loss alone
 
 
-def from_pretrained(path, map_location="cpu"):
-    """Rebuild a pi0 / pi0.5 model from a checkpoint directory (config.json + model.safetensors)."""
-    from safetensors.torch import load_file
-    with open(os.path.join(path, "config.json")) as f:
-        cfg_dict = json.load(f)
-    if cfg_dict.get("model") == "pi0_fast":
-        from pi0_fast import from_pretrained as from_pretrained_fast
-        return from_pretrained_fast(path, map_location)
-    if cfg_dict.get("model") == "pi05":
-        from pi05 import Pi05, Pi05Config
-        model = Pi05(Pi05Config.from_dict(cfg_dict))
-    elif cfg_dict.get("model") == "pi0":
-        model = Pi0(Pi0Config.from_dict(cfg_dict))
-    else:
-        raise ValueError(f"{path}/config.json: model {cfg_dict.get('model')!r} is not pi0 or pi05")
-    load_state_strict(model, load_file(os.path.join(path, "model.safetensors"), device=map_location))
-    return model
+def prompt_tokenizer(cfg, sp):
+    """(prompt, normalized state) -> (ids, mask): pi0's prompt does not contain the state."""
+    return lambda prompt, state: tokenize_prompt(sp, prompt, cfg.max_token_len)
 
 
 if __name__ == "__main__":

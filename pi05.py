@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, make_attn_mask, make_positions
-from pi0 import Pi0, Pi0Config, pad_tokens, posemb_sincos, sample_time, valid_steps
+from fast_tokenizer import fast_to_paligemma
+from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, KVCache, make_attn_mask, make_positions
+from pi0 import Pi0, Pi0Config, interpolate, pad_tokens, posemb_sincos, sample_noise_and_time
 from pi0 import tokenize_prompt as tokenize_prompt_pi0
 
 
@@ -59,7 +60,9 @@ CONFIGS = {
 
 
 class Pi05(Pi0):
-    # -- the architectural diff: three overrides of pi0 ----------------------------------------
+    state_token = False  # the state is text in the prompt
+
+    # -- the architectural diff: four overrides of pi0 -----------------------------------------
 
     def cond_widths(self):
         return [None, self.cfg.expert.width]  # PaliGemma keeps plain norms; the expert's adapt
@@ -69,26 +72,33 @@ class Pi05(Pi0):
         self.time_mlp_in = nn.Linear(W, W)
         self.time_mlp_out = nn.Linear(W, W)
 
+    def time_conditioning(self, t):
+        """t (B,) -> the adaRMS condition (B, W): a two-layer MLP on the sin-cos embedding."""
+        cond = posemb_sincos(t, self.cfg.expert.width)  # (B, W), fp32
+        return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(cond))))  # swish after both
+
     def embed_suffix(self, state, x_t, t):
         """Action tokens only; time becomes the adaRMS condition. state is unused (it is text)."""
         B, C, _ = x_t.shape
         tokens = self.project_actions(x_t)  # (B, C, W)
-        cond = posemb_sincos(t, tokens.shape[-1]).to(tokens.dtype)  # (B, W)
-        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(cond))))  # swish after both
+        cond = self.time_conditioning(t)  # (B, W)
         mask = torch.ones(B, C, dtype=torch.bool, device=x_t.device)
         ar = torch.tensor([1] + [0] * (C - 1), dtype=torch.bool, device=x_t.device)
         return tokens, mask, ar, cond
 
     # -- training with knowledge insulation ----------------------------------------------------
 
-    def forward(self, batch, noise=None, time=None):
-        """Training losses: {"loss", "flow", "ce"}.
+    def compute_loss(self, batch, noise=None, time=None):
+        """pi0.5's losses per element: {"flow": (B, C)} and, with discrete targets, "ce": (B, D).
 
         batch may carry discrete targets that follow the prompt: "target_tokens" (B, D) int64
         (FAST action tokens in the PaliGemma vocabulary, or a text answer) with "target_masks"
-        (B, D) bool. Samples without actions have all-False "action_masks".
+        (B, D) bool. Samples without actions have all-False "action_masks". Two passes:
+          1. the VLM over images + prompt + targets (a causal postfix), which gives the
+             cross-entropy and fills the KV cache;
+          2. the expert over the noisy actions, reading only the images + prompt part of that
+             cache, through a stop-gradient when cfg.knowledge_insulation.
         """
-        cfg = self.cfg
         prefix, prefix_mask, prefix_ar = self.embed_prefix(batch)  # images + prompt
         P = prefix.shape[1]
         seq, seq_mask, seq_ar = prefix, prefix_mask, prefix_ar
@@ -98,32 +108,22 @@ class Pi05(Pi0):
             seq = torch.cat([prefix, self.llm.embed_tokens(targets).to(prefix.dtype)], dim=1)
             seq_mask = torch.cat([prefix_mask, target_masks], dim=1)
             seq_ar = torch.cat([prefix_ar, torch.ones_like(targets[0], dtype=torch.bool)])
-        # 1. the VLM pass: images, prompt and targets; it also yields the keys/values
-        (vlm_out, _), kv = self.llm([seq, None], make_positions(seq_mask),
-                                    make_attn_mask(seq_mask, seq_ar), return_kv=True)
-        losses = {}
+        vlm_cache = KVCache(seq.shape[1])
+        vlm_out, _ = self.llm([seq, None], make_positions(seq_mask), make_attn_mask(seq_mask, seq_ar),
+                              cache=vlm_cache)
+        per = {}
         if has_targets:
-            losses["ce"] = self.target_loss(vlm_out, prefix_mask, targets, target_masks)
-        # 2. the expert pass: it reads only the images + prompt part of the keys/values
-        kv = [(k[:, :P], v[:, :P]) for k, v in kv]
-        if cfg.knowledge_insulation:
-            kv = [(k.detach(), v.detach()) for k, v in kv]
+            per["ce"] = self.target_nll(vlm_out, prefix_mask, targets) * target_masks
+        cache = vlm_cache.prefix(P, room=self.cfg.action_horizon, detach=self.cfg.knowledge_insulation)
         actions = batch["actions"]
-        noise = torch.randn_like(actions) if noise is None else noise
-        time = sample_time(actions.shape[0], actions.device) if time is None else time
-        t = time[:, None, None]
-        x_t = t * noise + (1 - t) * actions
-        v_t = self.denoise_step(batch.get("state"), prefix_mask, kv, x_t, time)
-        err = (v_t - (noise - actions)).pow(2).mean(-1)  # (B, C): all dims, padded ones too (pi0.py)
-        m = valid_steps(batch) if "action_masks" in batch else torch.ones_like(err)
-        losses["flow"] = (err * m).sum() / m.sum().clamp(min=1)
-        losses["loss"] = cfg.flow_loss_weight * losses["flow"]
-        if has_targets:
-            losses["loss"] = losses["loss"] + cfg.ce_loss_weight * losses["ce"]
-        return losses
+        if noise is None or time is None:
+            noise, time = sample_noise_and_time(actions.shape, device=actions.device)
+        x_t, u_t = interpolate(actions, noise, time)
+        per["flow"] = self.flow_error(batch, self.denoise_step(batch.get("state"), prefix_mask, cache, x_t, time), u_t)
+        return per
 
-    def target_loss(self, vlm_out, prefix_mask, targets, target_masks):
-        """Mean next-token cross-entropy over the real target tokens.
+    def target_nll(self, vlm_out, prefix_mask, targets):
+        """Next-token cross-entropy of each target token, (B, D).
 
         Target 0 is predicted by the last *real* prompt token (the prompt is right-padded, and
         a padding position must never make a prediction); target j > 0 by target j - 1.
@@ -134,9 +134,7 @@ class Pi05(Pi0):
         idx = torch.cat([last_prompt, P + torch.arange(D - 1, device=targets.device).expand(B, -1)], 1)
         h = vlm_out.gather(1, idx[:, :, None].expand(-1, -1, vlm_out.shape[-1]))  # (B, D, W)
         logits = self.llm.logits(h).float()  # (B, D, vocab)
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, D)
-        m = target_masks.to(nll.dtype)
-        return (nll * m).sum() / m.sum().clamp(min=1)
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,3 +156,34 @@ def tokenize_prompt(sp, prompt, state, max_len, discrete_state=True):
     clean = prompt.strip().replace("_", " ").replace("\n", " ")
     bins = " ".join(str(b) for b in discretize_state(np.asarray(state, dtype=np.float64)))
     return pad_tokens(sp.encode(f"Task: {clean}, State: {bins};\nAction: ", add_bos=True), max_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the registry (models.py) reads from every model file
+
+Config, Model = Pi05Config, Pi05
+FLOW = True
+USE_QUANTILES = True  # openpi normalizes pi0.5's state and actions by their 1st / 99th percentiles
+
+
+def target_tokenizer(cfg, sp, fast, max_tokens):
+    """Co-training targets (--fast): (prompt, normalized state, normalized unpadded actions) ->
+    {"target_tokens", "target_masks"} (D = max_tokens,): the chunk's FAST ids mapped into the
+    PaliGemma vocabulary, then "|" and EOS, as openpi's pi0-FAST writes its answers (the prompt
+    already ends in "Action: ")."""
+    end = sp.encode("|", add_eos=True)
+
+    def targets(prompt, state, actions):
+        ids = fast.encode(actions, clip=True)  # clip: an outlier is not fatal
+        ids = fast_to_paligemma(np.asarray(ids), fast.vocab_size, cfg.vocab_size).tolist() + end
+        if len(ids) > max_tokens:
+            raise ValueError(f"a chunk needs {len(ids)} FAST tokens, --max-fast-tokens is {max_tokens}")
+        tokens = np.zeros(max_tokens, np.int64)
+        tokens[:len(ids)] = ids
+        return {"target_tokens": tokens, "target_masks": np.arange(max_tokens) < len(ids)}
+    return targets
+
+
+def prompt_tokenizer(cfg, sp):
+    """(prompt, normalized state) -> (ids, mask), the state as text unless discrete_state_input=False."""
+    return lambda prompt, state: tokenize_prompt(sp, prompt, state, cfg.max_token_len, cfg.discrete_state_input)

@@ -23,8 +23,6 @@ cumsum(mask) - 1 in both, so training and decoding agree.
 Axis legend: B batch, T tokens, P prefix slots, D decoding steps, W width, C chunk, A action dim.
 """
 
-import json
-import os
 import time as timer
 from dataclasses import asdict, dataclass, field
 
@@ -35,7 +33,8 @@ import torch.nn.functional as F
 
 from fast_tokenizer import fast_to_paligemma, paligemma_to_fast
 from paligemma import (GEMMA_PRESETS, PALIGEMMA_VOCAB_SIZE, SIGLIP_PRESETS, Gemma, GemmaConfig,
-                       SigLIP, SiglipConfig, load_state_strict, make_attn_mask, make_positions)
+                       KVCache, SigLIP, SiglipConfig, count_params, make_attn_mask, make_positions,
+                       transformer_flops, vision_flops)
 
 EOS, BOS, PAD = 1, 2, 0  # PaliGemma's special ids
 
@@ -101,20 +100,30 @@ class Pi0Fast(nn.Module):
             positions = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
         else:
             positions = make_positions(mask)
-        (h,), _ = self.llm([tokens[:, :-1]], positions, attn_mask)
+        (h,) = self.llm([tokens[:, :-1]], positions, attn_mask)
         targets = batch["tokens"][:, 1:]  # (B, L-1): text token i+1 is predicted at position i
         logits = self.llm.logits(h[:, -targets.shape[1]:]).float()  # only the text positions
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L-1)
         loss_mask = batch["token_loss_masks"][:, 1:].to(nll.dtype)
         return (nll * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1)
 
-    def forward(self, batch, **unused):
-        """Training entry point: a dict of scalar losses; "loss" is the one to minimise.
-
-        (unused: the noise and time train.py draws for the flow-matching models.)
-        """
+    def forward(self, batch):
+        """Training entry point: a dict of scalar losses; "loss" is the one to minimise."""
         loss = self.compute_loss(batch).mean()
         return {"loss": loss, "ce": loss}
+
+    def cost(self, batch_size, prefix_len, num_steps=32):
+        """Analytic cost per phase, forward FLOPs and weight elements read: vision and the prefix
+        once, then num_steps decoded tokens (each reads every weight and the KV cache).
+        Training is about 3x the forward FLOPs of num_steps=0."""
+        cfg, B, P, D = self.cfg, batch_size, prefix_len, num_steps
+        g = cfg.llm
+        llm = count_params(self.llm.expert(0))
+        flops = {"vision": B * vision_flops(cfg.vision, count_params(self.vision), len(cfg.cameras)),
+                 "prefix": B * transformer_flops(llm, P, P, g.num_heads * g.head_dim, g.depth),
+                 "decode": B * transformer_flops(llm, D, P + D, g.num_heads * g.head_dim, g.depth)}
+        kv = 2 * g.depth * B * (P + D) * g.num_kv_heads * g.head_dim
+        return flops, {"vision": count_params(self.vision), "prefix": llm, "decode": D * (llm + kv)}
 
     @torch.no_grad()
     def sample_tokens(self, batch, max_decoding_steps=None, return_logits=False):
@@ -129,12 +138,9 @@ class Pi0Fast(nn.Module):
         B, P = mask.shape
         prefill_len = mask.sum(-1)  # (B,) real prefix tokens
         prefix_start = P - prefill_len  # first real slot after alignment
-        # a static KV cache for the prefix plus D decoded tokens; unwritten slots are masked
-        cfg = self.cfg.llm
-        cache = [tuple(torch.zeros(B, P + D, cfg.num_kv_heads, cfg.head_dim, dtype=tokens.dtype,
-                                   device=tokens.device) for _ in range(2)) for _ in range(cfg.depth)]
-        prefix_attn = F.pad(attn_mask, (0, D))  # (B, P, P + D)
-        (h,), _ = self.llm([tokens], make_positions(mask), prefix_attn, kv_cache=cache, write_at=0)
+        cache = KVCache(P + D)  # the prefix, then one slot per decoded token
+        (h,) = self.llm([tokens], make_positions(mask), attn_mask, cache=cache)
+        cache.length = P
         logits = self.llm.logits(h[:, -1])  # (B, vocab): the last prefix slot is real for all
         out = torch.zeros(B, D, dtype=torch.long, device=tokens.device)
         step_logits = []
@@ -147,10 +153,11 @@ class Pi0Fast(nn.Module):
             if bool((token == EOS).all()):  # one host sync per token: FAST must know when to stop
                 break
             # the new token sees its real prefix and every token decoded so far
-            step_mask = (slots >= prefix_start[:, None]) & (slots <= P + step)  # (B, P + D)
+            step_mask = slots[:P + step + 1] >= prefix_start[:, None]  # (B, P + step + 1)
             positions = (prefill_len + step + skip)[:, None]  # (B, 1)
-            (h,), _ = self.llm([self.llm.embed_tokens(token[:, None])], positions, step_mask[:, None],
-                               kv_cache=cache, write_at=P + step)
+            (h,) = self.llm([self.llm.embed_tokens(token[:, None])], positions, step_mask[:, None],
+                            cache=cache)
+            cache.length += 1  # kept: later tokens attend to it
             logits = self.llm.logits(h[:, -1])
         return (out, torch.stack(step_logits, 1)) if return_logits else out
 
@@ -226,14 +233,28 @@ def extract_actions(sp, fast, tokens, horizon, action_dim, vocab_size=PALIGEMMA_
     return chunk.astype(np.float32), valid
 
 
-def from_pretrained(path, map_location="cpu"):
-    """Rebuild a pi0-FAST model from a checkpoint directory."""
-    from safetensors.torch import load_file
+# ----------------------------------------------------------------------------------------------
+# What the registry (models.py) reads from every model file
 
-    with open(os.path.join(path, "config.json")) as f:
-        model = Pi0Fast(Pi0FastConfig.from_dict(json.load(f)))
-    load_state_strict(model, load_file(os.path.join(path, "model.safetensors"), device=map_location))
-    return model
+Config, Model = Pi0FastConfig, Pi0Fast
+FLOW = False          # next-token prediction; state and actions keep the robot's own width
+USE_QUANTILES = True  # openpi's pi0-FAST normalizes by quantiles
+
+
+def target_tokenizer(cfg, sp, fast, max_tokens=None):
+    """Training tokens: (prompt, normalized state, normalized actions) -> the prompt *with* its
+    answer, "Action: " + FAST tokens + "|" EOS, as a causal postfix with a loss mask
+    (tokenize above, openpi's exact format); replaces the prompt-only tokens."""
+    def targets(prompt, state, actions):
+        tokens, mask, ar, loss = tokenize(sp, fast, prompt, state, actions, cfg.max_token_len,
+                                          cfg.vocab_size, clip=True)
+        return {"tokens": tokens, "token_masks": mask, "token_ar_masks": ar, "token_loss_masks": loss}
+    return targets
+
+
+def prompt_tokenizer(cfg, sp):
+    """(prompt, normalized state) -> (ids, mask): the prompt alone; the model writes "Action: ..."."""
+    return lambda prompt, state: tokenize(sp, None, prompt, state, None, cfg.max_token_len, cfg.vocab_size)[:2]
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ reads the state as text: 256 bin tokens whose embeddings a model trained from sc
 Evaluation follows openpi's action-chunk broker: ask the policy for a chunk of actions, execute
 its first n_action_steps, then ask again. Episodes run in lockstep, so one policy call serves all
 live episodes. Any object with `infer_batch(observations, noise=None) -> (N, C, A)` is a policy:
-infer.py's Policy, or ExpertPolicy / RandomPolicy below. gym-pusht and gym-aloha run through the
+policy.py's Policy, or ExpertPolicy / RandomPolicy below. gym-pusht and gym-aloha run through the
 same loop with adapters (optional extras: pip install gym-pusht / gym-aloha).
 
 Command line:
@@ -451,7 +451,7 @@ def main(argv=None):
     demos.add_argument("--seed", type=int, default=DEMO_SEED, help="episode i uses seed + i")
     demos.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size")
     ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
-    ev.add_argument("--checkpoint", help="checkpoint directory (infer.Policy)")
+    ev.add_argument("--checkpoint", help="checkpoint directory (policy.Policy)")
     ev.add_argument("--expert", action="store_true", help="builtin only: evaluate the scripted expert instead")
     ev.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha"])
     ev.add_argument("--episodes", type=int, default=100, help="number of seeded episodes")
@@ -492,7 +492,7 @@ def main(argv=None):
             raise ValueError("--expert exists for the builtin env only")
         policy, name = ExpertPolicy(camera=args.camera or "top"), "scripted expert"
     elif args.checkpoint:
-        from infer import Policy  # the model stack is imported only when a checkpoint is evaluated
+        from policy import Policy  # the model stack is imported only when a checkpoint is evaluated
         policy, name = Policy(args.checkpoint, device=args.device), args.checkpoint
     else:
         raise ValueError("give --checkpoint DIR (or --expert for the builtin env)")

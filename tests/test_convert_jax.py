@@ -16,10 +16,15 @@ from conftest import assert_close, jax_reference_dir
 from safetensors.torch import load_file
 
 import convert_jax
-import pi0
-import pi0_fast
-from convert_jax import (MODELS, config_from_shapes, detect_model, main, model_from_params,
+import models
+from convert_jax import (config_from_shapes, detect_model, main, model_from_params,
                          openpi_shapes, openpi_to_state_dict, write_orbax)
+from models import MODELS
+
+
+def classes(name):
+    """(Config, Model) of a model file, through the registry."""
+    return models.model_file(name).Config, models.model_file(name).Model
 
 ROOT = jax_reference_dir()
 FIXTURES = sorted(d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d, "checkpoint")))
@@ -48,7 +53,7 @@ def test_converted_checkpoint_reproduces_openpi(name, layout, jax_fixture, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]  # no assets
     # the weights: bit for bit what the same table makes of params.npz
-    config_cls, model_cls = MODELS[model_name]
+    config_cls, model_cls = classes(model_name)
     with torch.device("meta"):
         reference = openpi_to_state_dict(fx.params, model_cls(fx.model_config(config_cls)))
     converted = load_file(tmp_path / "ckpt" / "model.safetensors")
@@ -56,8 +61,7 @@ def test_converted_checkpoint_reproduces_openpi(name, layout, jax_fixture, tmp_p
     for k, v in reference.items():
         assert converted[k].dtype == torch.float32 and torch.equal(converted[k], v), k
     # the model's normal loading path, with the architecture read from the weights alone
-    loader = pi0_fast.from_pretrained if model_name == "pi0_fast" else pi0.from_pretrained
-    model = loader(tmp_path / "ckpt").eval()
+    model = models.load(tmp_path / "ckpt").eval()
     assert model.cfg == fx.model_config(config_cls)
     batch, out = fx.batch(), fx.outputs
     with torch.no_grad():
@@ -124,7 +128,7 @@ def test_bf16_source(jax_fixture, tmp_path):
     write_orbax(tmp_path / "src" / "params", bf16.items())
     main([str(tmp_path / "src"), str(tmp_path / "out"), *flags(fx)])
     converted = load_file(tmp_path / "out" / "model.safetensors")
-    model = MODELS[fx.config["model"]][1](fx.model_config(MODELS[fx.config["model"]][0]))
+    model = classes(fx.config["model"])[1](fx.model_config(classes(fx.config["model"])[0]))
     expected = openpi_to_state_dict({k: v.astype(np.float32) for k, v in bf16.items()}, model)
     assert all(torch.equal(converted[k], v) for k, v in expected.items())
 
@@ -162,7 +166,7 @@ def test_broken_trees_name_the_array(name, jax_fixture, tmp_path):
 
 
 def test_detection_needs_one_kind_of_time_conditioning():
-    shapes = openpi_shapes(MODELS["pi0"][0]())  # shapes only: nothing is allocated
+    shapes = openpi_shapes(classes("pi0")[0]())  # shapes only: nothing is allocated
     with pytest.raises(ValueError, match="both pi0's state_proj and pi0.5's time_mlp_in"):
         detect_model(dict(shapes, **{"time_mlp_in/kernel": (1024, 1024)}))
     with pytest.raises(ValueError, match="neither pi0's state_proj nor pi0.5's time_mlp_in"):
@@ -172,7 +176,7 @@ def test_detection_needs_one_kind_of_time_conditioning():
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_full_size_architecture_from_shapes(model_name):
     """The full-size openpi layouts (no weights, only shapes) give back openpi's default configs."""
-    cfg = MODELS[model_name][0]()
+    cfg = classes(model_name)[0]()
     shapes = openpi_shapes(cfg)
     assert detect_model(shapes) == model_name
     assert config_from_shapes(shapes, model_name) == cfg
@@ -182,6 +186,6 @@ def test_full_size_architecture_from_shapes(model_name):
 def test_openpi_shapes_match_fixtures(jax_fixture):
     for name in FIXTURES:
         fx = jax_fixture(name)
-        cfg = fx.model_config(MODELS[fx.config["model"]][0])
+        cfg = fx.model_config(classes(fx.config["model"])[0])
         assert openpi_shapes(cfg) == {k: v.shape for k, v in fx.params.items()}, name
         assert np.all([fx.params[k].dtype == np.float32 for k in fx.params])

@@ -9,16 +9,12 @@ import torch
 from conftest import assert_close
 
 from convert_jax import load_openpi_params
-from paligemma import make_attn_mask, make_positions
+from paligemma import KVCache, make_attn_mask, make_positions
 from pi0 import Pi0, Pi0Config, euler_times, posemb_sincos
+from pi05 import Pi05, Pi05Config
 
-# (name in the fixture folder, config class, model class); pi0.5 is added by pi05.py's tests
-FLOW_MODELS = {"pi0": (Pi0Config, Pi0)}
-try:
-    from pi05 import Pi05, Pi05Config
-    FLOW_MODELS["pi05"] = (Pi05Config, Pi05)
-except ImportError:  # pi05.py not written yet
-    pass
+# name in the fixture folder -> (config class, model class)
+FLOW_MODELS = {"pi0": (Pi0Config, Pi0), "pi05": (Pi05Config, Pi05)}
 
 TOL = {  # (rtol, atol), from the fixture READMEs
     "embed": (1e-5, 1e-5), "prefix": (1e-5, 2e-5), "suffix_in": (1e-4, 1e-4),
@@ -88,12 +84,12 @@ def test_joint_pass_and_loss(setup):
     positions = make_positions(mask)
     np.testing.assert_array_equal(attn_mask.numpy(), out["full/attn_mask"])
     np.testing.assert_array_equal(positions.numpy(), out["full/positions"])
-    (prefix_out, suffix_out), _ = model.llm([prefix, suffix], positions, attn_mask, conds=[None, cond])
+    prefix_out, suffix_out = model.llm([prefix, suffix], positions, attn_mask, conds=[None, cond])
     # compared everywhere, padding rows included: the finite mask value keeps them identical
     assert_close(prefix_out, out["full/prefix_out"], *TOL["prefix"])
     assert_close(suffix_out, out["full/suffix_out"], *TOL["suffix_out"])
     assert_close(model.velocity(batch, x_t, time), out["v_t"], *TOL["suffix_out"])
-    assert_close(model.compute_loss(batch, noise=noise, time=time), out["loss"], *TOL["loss"])
+    assert_close(model.compute_loss(batch, noise=noise, time=time)["flow"], out["loss"], *TOL["loss"])
 
 
 def test_prefix_kv_cache(setup):
@@ -103,10 +99,12 @@ def test_prefix_kv_cache(setup):
     attn_mask, positions = make_attn_mask(prefix_mask, prefix_ar), make_positions(prefix_mask)
     np.testing.assert_array_equal(attn_mask.numpy(), out["prefix_only/attn_mask"])
     np.testing.assert_array_equal(positions.numpy(), out["prefix_only/positions"])
-    (prefix_out, _), kv = model.llm([prefix, None], positions, attn_mask, return_kv=True)
+    cache = KVCache(prefix.shape[1])
+    prefix_out, _ = model.llm([prefix, None], positions, attn_mask, cache=cache)
     valid = out["prefix/input_mask"]  # cache entries of padding tokens are never read
     assert_close(prefix_out, out["prefix_only/out"], *TOL["prefix"])
-    for i, (k, v) in enumerate(kv):
+    for i in range(model.cfg.llm.depth):
+        k, v = cache.k[i], cache.v[i]
         assert_close(k[valid], out["prefix_only/kv_cache_k"][i][valid], *TOL["prefix"], f"k layer {i}")
         assert_close(v[valid], out["prefix_only/kv_cache_v"][i][valid], *TOL["prefix"], f"v layer {i}")
 

@@ -1,47 +1,16 @@
-"""pi0 and the PaliGemma backbone: masks, the KV cache, presets, prompts, checkpoints, loading."""
+"""pi0: the cached sampler, presets, the flow-matching loss, prompts, checkpoints, loading."""
 
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, random_batch
 
 from convert_jax import load_openpi_params
-from paligemma import make_attn_mask, make_positions
-from pi0 import CONFIGS, Pi0, euler_times, from_pretrained, save_pretrained, tokenize_prompt
-
-T, F = True, False
-
-
-@pytest.mark.parametrize("input_mask, ar_mask, expected", [
-    # all ar 0: bidirectional among real tokens; the padding row and column are all False
-    ([T, T, T, F], [0, 0, 0, 0], [[T, T, T, F], [T, T, T, F], [T, T, T, F], [F, F, F, F]]),
-    # all ar 1: causal
-    ([T, T, T], [1, 1, 1], [[T, F, F], [T, T, F], [T, T, T]]),
-    # [0, 0, 1, 1]: prefix-LM (bidirectional prefix, causal tail)
-    ([T, T, T, T], [0, 0, 1, 1], [[T, T, F, F], [T, T, F, F], [T, T, T, F], [T, T, T, T]]),
-    # pi0: 2 prefix tokens | state (ar 1) | 2 actions (ar 1, 0)
-    ([T, T, T, T, T], [0, 0, 1, 1, 0], [[T, T, F, F, F], [T, T, F, F, F], [T, T, T, F, F],
-                                        [T, T, T, T, T], [T, T, T, T, T]]),
-    # pi0 with a padded prefix token: nobody sees it, and its own row is empty
-    ([T, F, T, T, T], [0, 0, 1, 1, 0], [[T, F, F, F, F], [F, F, F, F, F], [T, F, T, F, F],
-                                        [T, F, T, T, T], [T, F, T, T, T]]),
-])
-def test_attn_mask_table(input_mask, ar_mask, expected):
-    mask = make_attn_mask(torch.tensor([input_mask]), torch.tensor(ar_mask))
-    np.testing.assert_array_equal(mask[0].numpy(), np.array(expected))
-
-
-@pytest.mark.parametrize("input_mask, expected", [
-    ([T, T, F, T, F, T], [0, 1, 1, 2, 2, 3]),  # padding repeats the previous position
-    ([F, T, T], [-1, 0, 1]),                   # leading padding gets -1
-    ([T] * 4, [0, 1, 2, 3]),
-])
-def test_positions_table(input_mask, expected):
-    assert make_positions(torch.tensor([input_mask]))[0].tolist() == expected
+from models import load, save_pretrained
+from pi0 import CONFIGS, Pi0, euler_times, interpolate, tokenize_prompt
 
 
 def test_cached_sampling_equals_recomputing_everything():
@@ -71,8 +40,8 @@ def test_full_presets_build_on_meta_with_openpi_sizes():
     assert all(p.device.type == "meta" for p in model.parameters())  # nothing allocated
     assert 400e6 < count(model.vision) < 430e6            # SigLIP So400m/14 + projector
     assert model.llm.embed.weight.shape == (257152, 2048)  # PaliGemma vocabulary
-    assert 1.95e9 < count(model.llm.experts[0]) < 2.0e9    # Gemma 2B without the embedding
-    assert 300e6 < count(model.llm.experts[1]) < 320e6     # Gemma 300M action expert ("311M")
+    assert 1.95e9 < count(model.llm.expert(0)) < 2.0e9     # Gemma 2B without the embedding
+    assert 300e6 < count(model.llm.expert(1)) < 320e6      # Gemma 300M action expert ("311M")
     assert 3.2e9 < count(model) < 3.3e9
 
 
@@ -96,18 +65,19 @@ def test_padded_steps_leave_the_loss_padded_dims_stay_in():
     model = Pi0(cfg).eval()
     batch = random_batch(cfg)
     noise, time = torch.randn_like(batch["actions"]), torch.tensor([0.3, 0.8])
-    full = model.compute_loss(batch, noise, time)
+    full = model.compute_loss(batch, noise, time)["flow"]
     batch["action_masks"] = torch.ones_like(batch["actions"], dtype=torch.bool)
-    torch.testing.assert_close(model.compute_loss(batch, noise, time), full)  # all valid = openpi
+    torch.testing.assert_close(model.compute_loss(batch, noise, time)["flow"], full)  # all valid = openpi
     batch["action_masks"][:, :, 5:] = False  # padded dims: still in the loss
-    torch.testing.assert_close(model.compute_loss(batch, noise, time), full)
+    torch.testing.assert_close(model.compute_loss(batch, noise, time)["flow"], full)
     batch["action_masks"][1, 3:] = False     # padded steps of example 1: out
     t = time[:, None, None]
+    assert torch.equal(interpolate(batch["actions"], noise, time)[0], t * noise + (1 - t) * batch["actions"])
     err = (model.velocity(batch, t * noise + (1 - t) * batch["actions"], time)
            - (noise - batch["actions"])).pow(2)
     expected = err.mean(-1)
     expected[1, 3:] = 0
-    torch.testing.assert_close(model.compute_loss(batch, noise, time), expected)
+    torch.testing.assert_close(model.compute_loss(batch, noise, time)["flow"], expected)
     expected_scalar = torch.cat([err[0].mean(-1), err[1, :3].mean(-1)]).mean()
     torch.testing.assert_close(model(batch, noise, time)["loss"], expected_scalar)
 
@@ -119,9 +89,9 @@ def test_every_parameter_gets_a_gradient():
     cfg = CONFIGS["tiny"]
     model = Pi0(cfg)
     model(random_batch(cfg))["loss"].backward()
-    last = f"llm.experts.0.layers.{cfg.llm.depth - 1}."
+    last = f"llm.layers.{cfg.llm.depth - 1}.experts.0."
     unseen = {last + n for n in ("q_proj.weight", "o_proj.weight", "mlp_norm.scale", "gate_proj.weight",
-                                 "up_proj.weight", "down_proj.weight")} | {"llm.experts.0.final_norm.scale"}
+                                 "up_proj.weight", "down_proj.weight")} | {"llm.final_norms.0.scale"}
     for name, p in model.named_parameters():
         has_grad = p.grad is not None and p.grad.abs().sum() > 0
         assert has_grad == (name not in unseen), name
@@ -136,7 +106,7 @@ def test_checkpoint_round_trip(tmp_path):
     save_pretrained(model, tmp_path / "ckpt", norm_stats=stats)
     save_pretrained(model, tmp_path / "ckpt", norm_stats=stats)  # overwriting is atomic too
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary left behind
-    loaded = from_pretrained(tmp_path / "ckpt").eval()
+    loaded = load(tmp_path / "ckpt").eval()
     batch, noise = random_batch(cfg), torch.randn(2, cfg.action_horizon, cfg.action_dim)
     torch.testing.assert_close(loaded.sample_actions(batch, noise), model.sample_actions(batch, noise),
                                rtol=0, atol=0)

@@ -133,7 +133,7 @@ def test_static_cache_decoding_equals_recomputing(openpi_positions):
                 pos = make_positions(mask)
                 if step:  # openpi feeds decoded tokens one position further
                     pos[:, -step:] += skip
-                (h,), _ = model.llm([x], pos, make_attn_mask(mask, ar))
+                (h,) = model.llm([x], pos, make_attn_mask(mask, ar))
                 token = model.llm.logits(h[:, -1]).argmax(-1)
                 assert token.item() == out[b, step].item(), (b, step)
                 tokens = torch.cat([tokens, token[:, None]], 1)

@@ -41,8 +41,10 @@ def run(args, out, nproc=1):
 
 
 def common(dataset, model="pi05"):
+    """pi0.5 with its whole recipe (FAST co-training, knowledge insulation): the most paths."""
     return ["--model", model, "--data", str(dataset), "--steps", "6", "--batch-size", "8", "--dropout", "0",
-            "--warmup", "2", "--save-every", "100"]
+            "--warmup", "2", "--save-every", "100"] + (["--fast", "1", "--knowledge-insulation", "1"]
+                                                       if model == "pi05" else [])
 
 
 def test_two_processes_equal_one_and_resume_is_exact(dataset, tmp_path):
@@ -63,7 +65,7 @@ def test_grad_accumulation_equals_one_big_batch(dataset, tmp_path):
     acc = run(common(dataset, "pi0") + ["--grad-accum", "2"], tmp_path / "acc")
     np.testing.assert_allclose([r["loss"] for r in acc], [r["loss"] for r in one], rtol=2e-5, atol=2e-6)
     # the exported checkpoint plots its predictions against the recorded chunks
-    res = subprocess.run([sys.executable, "infer.py", "plot", "--checkpoint", str(tmp_path / "one" / "final"),
+    res = subprocess.run([sys.executable, "policy.py", "plot", "--checkpoint", str(tmp_path / "one" / "final"),
                           "--data", str(dataset), "--out", str(tmp_path / "plot.png")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -92,7 +94,7 @@ def test_pi0_fast_trains_and_exports(dataset, tmp_path):
                "--lr", "2e-3", "--warmup", "5", "--log-every", "10"], tmp_path / "fast")
     assert log[-1]["loss"] < log[0]["loss"] / 1.5
     assert os.path.exists(tmp_path / "fast" / "final" / "fast_tokenizer.json")
-    from infer import Policy  # the exported checkpoint serves: chunks of the robot's width, flagged
+    from policy import Policy  # the exported checkpoint serves: chunks of the robot's width, flagged
     policy = Policy(tmp_path / "fast" / "final")
     obs = data.open_dataset(dataset, chunk_size=6)[0]
     with warnings.catch_warnings():  # an undertrained model's answers may not decode
@@ -110,8 +112,8 @@ def test_lora_trains_only_adapters_and_merges_exactly():
     torch.manual_seed(0)
     model = Pi0(CONFIGS["tiny"])
     model.requires_grad_(False)
-    for expert in model.llm.experts:
-        add_lora(expert, rank=4, alpha=4)
+    for e in range(2):
+        add_lora(model.llm.expert(e), rank=4, alpha=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all(".lora_" in n for n in trained)

@@ -1,0 +1,301 @@
+"""Serving: a checkpoint directory + raw robot observations -> robot actions, over openpi's websocket.
+
+`Policy` applies exactly the transforms training used (resize-with-pad, normalization, the
+model's own prompt format, padding), samples a normalized action chunk (infer.FastSampler for
+pi0 / pi0.5, greedy decoding for pi0-FAST), and undoes the normalization (and delta actions)
+for the robot's own action width. The checkpoint directory is described in models.py.
+
+The server speaks openpi's protocol, so openpi_client.WebsocketClientPolicy talks to it
+unchanged: one metadata frame on connect, then msgpack request -> msgpack reply.
+
+Commands:
+  python policy.py serve --checkpoint DIR --port 8000     # openpi's websocket protocol
+  python policy.py plot --checkpoint DIR --data DATASET   # predicted vs recorded chunks (PNG)
+
+Axis legend: N observations, C chunk (action horizon), A action dim.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import data
+import models
+from infer import FastSampler
+
+
+class Policy:
+    """Raw observations -> robot actions, for one checkpoint directory.
+
+    observation: {"images": {camera key: uint8 (H, W, 3)}, "state": (S,), "prompt": str}
+    """
+
+    def __init__(self, path, device="cpu", num_steps=10, fast=False, compile_mode=None,
+                 cuda_graph=False, dtype=None):
+        """fast=True samples with FastSampler (pi0 / pi0.5; same actions to ~1e-6), with optional
+        torch.compile mode and CUDA graph; dtype None = bf16 on CUDA, fp32 on CPU (fast only)."""
+        self.path, self.device, self.num_steps = str(path), torch.device(device), num_steps
+        self.model = models.load(self.path, self.device).eval()
+        cfg = self.model.cfg
+        flow = models.model_file(cfg.model).FLOW
+        if not flow:  # pi0-FAST: greedy tokens, then the FAST tokenizer reads them back
+            from fast_tokenizer import FASTTokenizer
+            self.fast = FASTTokenizer.load(os.path.join(self.path, "fast_tokenizer.json"))
+            self.sample = self.sample_fast
+        elif fast:
+            dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            self.sample = FastSampler(self.model, num_steps, dtype, compile_mode, cuda_graph)
+        else:
+            self.sample = lambda batch, noise: self.model.sample_actions(batch, noise=noise, num_steps=num_steps)
+        with open(os.path.join(self.path, "policy.json")) as f:
+            self.settings = json.load(f)
+        self.sp = models.load_sentencepiece(os.path.join(self.path, "tokenizer.model"))
+        s = self.settings
+        width = cfg.action_dim if flow else None  # pi0-FAST pads nothing
+        self.transforms = data.Transforms(
+            tokenize=models.prompt_tokenizer(cfg, self.sp), cameras=s["cameras"],
+            norm_stats=os.path.join(self.path, "norm_stats.json"), use_quantiles=s["use_quantiles"],
+            delta_mask=s.get("delta_mask"), state_dim=width, action_dim=width,
+            image_size=cfg.vision.image_size)
+        self.valid = None  # pi0-FAST: per example, whether the answer decoded to a real chunk
+
+    def sample_fast(self, batch, noise=None):
+        """pi0-FAST: greedy tokens -> action chunks. An answer that does not decode is flagged in
+        self.valid (and a warning), never silently turned into zeros for the robot."""
+        import warnings
+
+        from pi0_fast import extract_actions
+        cfg = self.model.cfg
+        tokens = self.model.sample_tokens(batch).cpu().numpy()
+        out = [extract_actions(self.sp, self.fast, t, cfg.action_horizon, cfg.action_dim, cfg.vocab_size)
+               for t in tokens]
+        self.valid = np.array([v for _, v in out])
+        if not self.valid.all():
+            warnings.warn(f"pi0-FAST answers {np.flatnonzero(~self.valid).tolist()} did not decode to "
+                          f"action chunks; their actions are a best effort (see Policy.valid)")
+        return torch.from_numpy(np.stack([a for a, _ in out]))
+
+    def infer_batch(self, observations, noise=None):
+        """A list of observations -> (N, C, A_robot) float32 actions."""
+        samples = [self.transforms(dict(o, prompt=o.get("prompt", self.settings.get("default_prompt", ""))))
+                   for o in observations]
+        batch = {k: v.to(self.device) for k, v in data.collate(samples).items()}
+        if noise is not None:
+            noise = torch.as_tensor(noise, dtype=torch.float32, device=self.device)
+        actions = self.sample(batch, noise).cpu().numpy()
+        A = self.settings["action_dim"]
+        actions = data.unnormalize(actions[..., :A], self.transforms.norm_stats["actions"],
+                                   self.settings["use_quantiles"])
+        if self.settings.get("delta_mask") is not None:
+            states = np.stack([np.asarray(o["state"], np.float32) for o in observations])
+            actions = np.stack([data.absolute_actions(a, s, self.settings["delta_mask"])
+                                for a, s in zip(actions, states)])
+        return actions.astype(np.float32)
+
+    def infer(self, observation, noise=None):
+        """One observation -> {"actions": (C, A_robot), "policy_timing": {"infer_ms": ...}}."""
+        t0 = time.perf_counter()
+        actions = self.infer_batch([observation], None if noise is None else np.asarray(noise)[None])
+        return {"actions": actions[0], "policy_timing": {"infer_ms": 1000 * (time.perf_counter() - t0)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# serve: openpi's websocket protocol (openpi_client.WebsocketClientPolicy talks to it)
+
+# openpi's observation keys per robot -> our {"images": {camera: uint8 HWC}, "state", "prompt"}.
+# Images are assigned to the policy's cameras (policy.json "cameras", None entries skipped) in order.
+OPENPI_KEYS = {
+    "libero": (("observation/image", "observation/wrist_image"), ("observation/state",)),
+    "droid": (("observation/exterior_image_1_left", "observation/wrist_image_left"),
+              ("observation/joint_position", "observation/gripper_position")),
+}
+
+
+def to_observation(msg, cameras):
+    """One request (openpi LIBERO / DROID / ALOHA keys, or ours) -> Policy's observation dict."""
+    if not isinstance(msg, dict):
+        raise TypeError(f"expected a dict observation, got {type(msg).__name__}")
+    cams = [c for c in cameras if c is not None]
+    prompt = msg.get("prompt")
+    for robot, (image_keys, state_keys) in OPENPI_KEYS.items():
+        if image_keys[0] in msg:
+            present = [k for k in image_keys if k in msg]
+            if len(present) > len(cams):
+                raise ValueError(f"{robot} observation has {len(present)} images, the policy has "
+                                 f"{len(cams)} cameras ({cams})")
+            missing = [k for k in state_keys if k not in msg]
+            if missing:
+                raise KeyError(f"{robot} observation lacks {missing}")
+            state = np.concatenate([np.asarray(msg[k], np.float32).reshape(-1) for k in state_keys])
+            images = {cam: np.asarray(msg[k]) for cam, k in zip(cams, present)}
+            break
+    else:
+        if "images" not in msg or "state" not in msg:
+            raise KeyError(f"unknown observation keys {sorted(msg)}: expected openpi's LIBERO / DROID "
+                           "keys or {'images': {camera: uint8}, 'state', 'prompt'}")
+        images, state = dict(msg["images"]), np.asarray(msg["state"], np.float32)
+    for cam, im in images.items():
+        if im.ndim == 3 and im.shape[0] == 3 and im.shape[-1] != 3:  # ALOHA sends CHW
+            im = np.moveaxis(im, 0, -1)
+        if im.ndim != 3 or im.shape[-1] != 3:
+            raise ValueError(f"image '{cam}' has shape {im.shape}, expected (H, W, 3) uint8")
+        images[cam] = np.ascontiguousarray(im)
+    obs = {"images": images, "state": state}
+    if prompt is not None:
+        obs["prompt"] = str(prompt)
+    return obs
+
+
+def request_noise(msg, policy):
+    """Optional determinism: a request's "noise" (C, A_model) float, or an int "seed" that draws it
+    with numpy's default_rng(seed).standard_normal; neither: fresh torch noise."""
+    if "noise" in msg:
+        return np.array(msg["noise"], np.float32)  # a writable copy of the zero-copy buffer
+    if "seed" in msg:
+        cfg = policy.model.cfg
+        return np.random.default_rng(int(msg["seed"])).standard_normal(
+            (cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+    return None
+
+
+def make_server(policy, host="0.0.0.0", port=8000, metadata=None):
+    """An asyncio websockets server (start it with `async with` or `await`): openpi's
+    WebsocketPolicyServer. One metadata frame on connect, then msgpack request -> msgpack reply
+    with "server_timing"; an error sends the traceback as a text frame and closes that
+    connection with 1011 (the server keeps serving), as openpi does."""
+    import asyncio
+    import http
+    import traceback
+    try:
+        import msgpack
+        from websockets.asyncio.server import serve
+        from websockets.frames import CloseCode
+    except ImportError as e:
+        raise ImportError(f"infer.py serve needs `pip install websockets msgpack` ({e})") from None
+
+    def pack_default(obj):  # openpi_client.msgpack_numpy's encoding
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind in "OVc":
+                raise ValueError(f"unsupported dtype {obj.dtype}")
+            return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": obj.shape}
+        if isinstance(obj, np.generic):
+            return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
+        return obj
+
+    def unpack_hook(obj):
+        if b"__ndarray__" in obj:
+            return np.ndarray(buffer=obj[b"data"], dtype=np.dtype(obj[b"dtype"]), shape=obj[b"shape"])
+        if b"__npgeneric__" in obj:
+            return np.dtype(obj[b"dtype"]).type(obj[b"data"])
+        return obj
+
+    packb = lambda obj: msgpack.packb(obj, default=pack_default)
+    lock = asyncio.Lock()  # one inference at a time on the one model
+
+    async def handler(ws):
+        await ws.send(packb(metadata or {}))
+        prev_total = None
+        while True:
+            try:
+                raw = await ws.recv()
+            except Exception:  # the client went away
+                return
+            try:
+                t0 = time.monotonic()
+                msg = msgpack.unpackb(raw, object_hook=unpack_hook)
+                obs = to_observation(msg, policy.settings["cameras"])
+                noise = request_noise(msg, policy)
+                async with lock:
+                    result = await asyncio.to_thread(policy.infer, obs, noise)
+                result["server_timing"] = {"infer_ms": 1000 * (time.monotonic() - t0)}
+                if prev_total is not None:
+                    result["server_timing"]["prev_total_ms"] = prev_total
+                await ws.send(packb(result))
+                prev_total = 1000 * (time.monotonic() - t0)
+            except Exception:
+                await ws.send(traceback.format_exc())
+                await ws.close(CloseCode.INTERNAL_ERROR, "Internal server error. Traceback included in previous frame.")
+                return
+
+    def health(connection, request):
+        if request.path == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "OK\n")
+        return None
+
+    return serve(handler, host, port, compression=None, max_size=None, process_request=health)
+
+
+def serve_forever(args):
+    import asyncio
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    policy = Policy(args.checkpoint, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                    num_steps=args.steps, fast=True, compile_mode=args.compile, cuda_graph=args.cuda_graph,
+                    dtype=dtype)
+    metadata = policy.settings.get("metadata", {})
+
+    async def main():
+        async with make_server(policy, args.host, args.port, metadata) as server:
+            print(f"serving {args.checkpoint} on ws://{args.host}:{args.port} (GET /healthz)")
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# plot: predicted vs recorded action chunks, one panel per action dimension (pillow only)
+
+def plot(args):
+    """Draw, for a few frames of a dataset, the recorded chunk (grey) and the predicted one (colour)."""
+    from PIL import Image, ImageDraw
+    policy = Policy(args.checkpoint, device=args.device or "cpu", num_steps=args.steps)
+    ds = data.open_dataset(args.data, chunk_size=policy.model.cfg.action_horizon)
+    frames = np.linspace(0, len(ds) - 1, args.frames).astype(int)
+    samples = [ds[int(i)] for i in frames]
+    torch.manual_seed(0)
+    predicted = policy.infer_batch(samples)  # (F, C, A)
+    recorded = np.stack([s["actions"] for s in samples])
+    F_, C, A = predicted.shape
+    cell_w, cell_h, pad = 260, 110, 24
+    img = Image.new("RGB", (cell_w * A, (cell_h + pad) * F_ + pad), "white")
+    draw = ImageDraw.Draw(img)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for d in range(A):
+        lo = min(predicted[..., d].min(), recorded[..., d].min())
+        hi = max(predicted[..., d].max(), recorded[..., d].max()) + 1e-6
+        for f in range(F_):
+            x0, y0 = d * cell_w + 8, pad + f * (cell_h + pad)
+            to_xy = lambda c, v: (x0 + c * (cell_w - 16) / max(1, C - 1), y0 + (hi - v) / (hi - lo) * cell_h)
+            draw.rectangle([x0, y0, x0 + cell_w - 16, y0 + cell_h], outline=(200, 200, 200))
+            draw.text((x0, y0 - 14), f"frame {frames[f]}  dim {d}", fill="black")
+            for chunk, colour, width in ((recorded[f], (150, 150, 150), 3), (predicted[f], colours[f % 5], 2)):
+                draw.line([to_xy(c, chunk[c, d]) for c in range(C)], fill=colour, width=width)
+    img.save(args.out)
+    err = np.abs(predicted - recorded).mean()
+    print(f"wrote {args.out}: {F_} frames x {A} dims, grey recorded, colour predicted; mean |error| {err:.4f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="openpi websocket policy server")
+    s.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--steps", type=int, default=10, help="Euler steps")
+    s.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    s.add_argument("--device", help="default: cuda if available, else cpu")
+    s.add_argument("--compile", default=None, help='torch.compile mode ("default", "max-autotune", ...)')
+    s.add_argument("--cuda-graph", action="store_true", help="one CUDA graph over the denoising loop")
+    pl = sub.add_parser("plot", help="predicted vs recorded action chunks, per dimension")
+    pl.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    pl.add_argument("--data", required=True, help="dataset (LeRobot dir or HDF5 file / dir)")
+    pl.add_argument("--out", default="actions.png", help="PNG to write")
+    pl.add_argument("--frames", type=int, default=4, help="frames spread over the dataset")
+    pl.add_argument("--steps", type=int, default=10, help="Euler steps")
+    pl.add_argument("--device", help="default: cpu")
+    args = parser.parse_args()
+    {"serve": serve_forever, "plot": plot}[args.command](args)
