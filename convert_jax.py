@@ -19,7 +19,8 @@ full list of what is wrong: a model with silently random weights is the worst po
 The model and its sizes are read from the tree itself (openpi's own converter guesses pi0.5 from
 the folder name); what weights cannot tell (horizon, prompt length, cameras) comes from flags.
 
-Axis legend: L layers, N heads, K kv heads, H head dim, W width, F mlp width, p patch size.
+Axis legend (paligemma.py's): N heads, K kv heads, H head dim, W width, F mlp width, p patch size;
+L (a local name here) the depth, openpi's scanned axis.
 """
 
 import argparse

@@ -40,7 +40,7 @@ Command line:
     python data.py info  <dataset>                             # features, fps, episodes, cameras
     python data.py stats <dataset> --out norm_stats.json       # openpi's norm_stats.json format
 
-Axis legend: B batch, V the model's views (cameras), R image size, L prompt tokens, C chunk (action
+Axis legend (paligemma.py's): B batch, V the model's views (cameras), R image side, L prompt tokens, C chunk (action
 horizon), A action dim (the model's width after padding), S a dataset's state dim, D FAST target
 slots, H/W a camera's image height/width.
 """

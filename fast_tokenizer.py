@@ -20,7 +20,7 @@ Unlike the reference processor, bad input raises: coefficients outside the token
 ids, and token lists that do not fill the chunk. The reference clamps the first silently and turns
 the others into an all-zero chunk, which makes a robot stand still with no error.
 
-Axis legend: N chunks, C chunk length (time steps), A action dim.
+Axis legend (paligemma.py's): B chunks, C chunk length (time steps), A action dim.
 """
 
 import argparse
@@ -251,7 +251,7 @@ class FASTTokenizer:
         if chunks.ndim != 3 or not np.isfinite(chunks).all():
             raise ValueError(f"fit expects finite chunks of shape (N, C, A), got shape {chunks.shape}")
         n, c, a = chunks.shape
-        q = np.around(dct(chunks, axis=1) * scale).astype(np.int64).reshape(n, c * a)  # (N, C*A)
+        q = np.around(dct(chunks, axis=1) * scale).astype(np.int64).reshape(n, c * a)  # (B, C*A)
         min_token, num_symbols = int(q.min()), int(q.max() - q.min()) + 1
         if vocab_size < num_symbols:
             raise ValueError(f"vocab_size {vocab_size} < the {num_symbols} symbols in the data: "
@@ -365,7 +365,7 @@ def smooth_chunks(n, chunk=32, action_dim=7, seed=0):
     t = np.linspace(0, 1, chunk)[None, :, None, None]  # (1, C, 1, 1)
     freq, amp, phase = (rng.uniform(lo, hi, (n, 1, action_dim, 3)) for lo, hi in
                         ((0.1, 1.5), (0, 0.5), (0, 2 * np.pi)))  # cycles per chunk, amplitude, phase
-    return (amp * np.sin(2 * np.pi * freq * t + phase)).sum(-1)  # (N, C, A)
+    return (amp * np.sin(2 * np.pi * freq * t + phase)).sum(-1)  # (B, C, A)
 
 
 def _read_chunks(path, chunk, max_chunks, norm_stats=None):

@@ -10,7 +10,8 @@ Commands:
   python infer.py bench --model pi0 --config small           # latency, TFLOP/s, GB/s, memory
   python infer.py bench --model pi0_fast --config small      # prefill and ms per decoded token
 
-Axis legend: B batch, V views, P prefix tokens, C chunk, A action dim, W width, L layers.
+Axis legend (paligemma.py's): B batch, V views, P prefix tokens, C chunk, A action dim, W width,
+M keys the action tokens attend to.
 """
 
 import argparse
@@ -97,7 +98,7 @@ class FastSampler:
             self.cache.length += 1  # kept: every step's actions attend to it
         # action queries see the valid prefix, pi0's state token and all actions
         self.act_mask = torch.cat([prefix_mask[:, None, :].expand(B, C, P),
-                                   prefix_mask.new_ones(B, C, self.n_state + C)], dim=2)  # (B, C, S)
+                                   prefix_mask.new_ones(B, C, self.n_state + C)], dim=2)  # (B, C, M)
         self.act_positions = n_valid + self.n_state + torch.arange(C, device=self.device)  # (B, C)
 
     def embed_actions(self, x, i):
@@ -177,7 +178,8 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 20
 
 
-def bench(args):
+def bench_setup(args):
+    """-> (model, a batch of random observations, settings, dtype), the settings printed."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
@@ -189,13 +191,13 @@ def bench(args):
         cfg.max_token_len = args.prompt_len
         model = models.build(cfg).to(device).eval()
     cfg = model.cfg
-    fast = not models.model_file(cfg.model).FLOW
+    flow = models.model_file(cfg.model).FLOW
     settings = dict(model=cfg.model, config=args.checkpoint or args.config, device=str(device),
                     dtype=args.dtype or str(dtype).split(".")[-1], batch=args.batch,
-                    **({"decode_tokens": args.decode_tokens} if fast else {"steps": args.steps}),
+                    **({"steps": args.steps} if flow else {"decode_tokens": args.decode_tokens}),
                     views=len(cfg.cameras), prompt_len=cfg.max_token_len, chunk=cfg.action_horizon,
                     compile=args.compile, cuda_graph=args.cuda_graph, threads=torch.get_num_threads(),
-                    params=sum(p.numel() for p in model.parameters()))
+                    params=models.count_params(model))
     print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
     B, V, R, L = args.batch, len(cfg.cameras), cfg.vision.image_size, cfg.max_token_len
     g = torch.Generator().manual_seed(0)
@@ -204,11 +206,12 @@ def bench(args):
              "state": torch.randn(B, cfg.action_dim, generator=g).to(device),
              "tokens": torch.randint(3, cfg.vocab_size, (B, L), generator=g).to(device),
              "token_masks": (torch.arange(L) < L // 2).expand(B, L).to(device)}  # half the prompt is padding
-    if fast:
-        return bench_fast(args, model, batch, settings, dtype, random_weights=not args.checkpoint)
-    noise = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g).to(device)
-    sync = device_sync(device)
-    sampler = FastSampler(model, args.steps, dtype, args.compile, args.cuda_graph)
+    return model, batch, settings, dtype
+
+
+def time_phases(sampler, batch, noise, iters):
+    """-> (first call ms, (iters, 3) ms per phase: vision, prefix, denoise), after 2 warm-ups."""
+    sync = device_sync(sampler.device)
 
     @torch.no_grad()
     def run():  # one sample, timed per phase (the syncs between phases cost little)
@@ -218,25 +221,59 @@ def bench(args):
             sync(), t.append(time.perf_counter())
             sampler.prepare(batch, img)
             sync(), t.append(time.perf_counter())
-            x = sampler.denoise_graphed(noise) if sampler.cuda_graph else sampler.denoise_fn(noise)
+            sampler.denoise_graphed(noise) if sampler.cuda_graph else sampler.denoise_fn(noise)
             sync(), t.append(time.perf_counter())
-        return np.diff(t) * 1000, x
+        return np.diff(t) * 1000
 
     t0 = time.perf_counter()
     run()  # warm-up: compilation and graph capture happen here
     first_ms = 1000 * (time.perf_counter() - t0)
     for _ in range(2):
         run()
-    if device.type == "cuda":
+    if sampler.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = np.array([run()[0] for _ in range(args.iters)])  # (iters, 3): vision, prefix, denoise
+    return first_ms, np.array([run() for _ in range(iters)])
+
+
+def time_readable(model, batch, noise, args, autocast):
+    """p50 ms of the readable cached sampler and of a prefix recomputed at every step."""
+    sync, B = device_sync(noise.device), noise.shape[0]
+    times_f, dt = euler_times(args.steps)
+
+    @torch.no_grad()
+    def uncached():  # the readable path without a cache: the full prefix every step
+        x = noise.clone()
+        with autocast:
+            for t in times_f:
+                x = x + dt * model.velocity(batch, x, torch.full((B,), t, device=noise.device))
+
+    def p50(fn):
+        fn()
+        ms = []
+        for _ in range(max(3, args.iters // 4)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ms.append(1000 * (time.perf_counter() - t0))
+        return float(np.median(ms))
+    return p50(lambda: model.sample_actions(batch, noise=noise, num_steps=args.steps)), p50(uncached)
+
+
+def bench(args):
+    """pi0 / pi0.5: latency per phase, achieved TFLOP/s and GB/s, peak memory; a JSON line last."""
+    model, batch, settings, dtype = bench_setup(args)
+    if not models.model_file(model.cfg.model).FLOW:
+        return bench_fast(args, model, batch, settings, dtype, random_weights=not args.checkpoint)
+    cfg, device, B = model.cfg, batch["images"].device, args.batch
+    noise = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    sampler = FastSampler(model, args.steps, dtype, args.compile, args.cuda_graph)
+    first_ms, times = time_phases(sampler, batch, noise, args.iters)
     total = times.sum(1)
-    P = V * (R // cfg.vision.patch) ** 2 + L
+    P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
     flops, weights = model.cost(B, P, args.steps)
     wbytes = {k: w * (2 if dtype == torch.bfloat16 else 4) for k, w in weights.items()}
     med = dict(zip(("vision", "prefix", "denoise"), np.median(times, 0)))
-    p50 = float(np.median(total))
-    peak = peak_memory_mib(device)
+    p50, peak = float(np.median(total)), peak_memory_mib(device)
     print(f"first call (compile + warm-up): {first_ms:.0f} ms")
     print(f"latency: p50 {p50:.2f} ms  p90 {np.percentile(total, 90):.2f} ms  min {total.min():.2f} ms  "
           f"({args.iters} runs)")
@@ -250,31 +287,8 @@ def bench(args):
     result = dict(settings, p50_ms=p50, p90_ms=float(np.percentile(total, 90)), min_ms=float(total.min()),
                   vision_ms=float(med["vision"]), prefix_ms=float(med["prefix"]), denoise_ms=float(med["denoise"]),
                   first_call_ms=first_ms, tflops=tflops, gbps=gbs, peak_mib=peak)
-    if args.compare_uncached:  # the readable path without a cache: the full prefix every step
-        times_f, dt = euler_times(args.steps)
-
-        @torch.no_grad()
-        def uncached():
-            x = noise.clone()
-            with sampler.autocast():
-                for t in times_f:
-                    x = x + dt * model.velocity(batch, x, torch.full((B,), t, device=device))
-            return x
-
-        uncached()
-        ms = []
-        for _ in range(max(3, args.iters // 4)):
-            t0 = time.perf_counter()
-            uncached()
-            sync()
-            ms.append(1000 * (time.perf_counter() - t0))
-        eager = []
-        for _ in range(max(3, args.iters // 4)):
-            t0 = time.perf_counter()
-            model.sample_actions(batch, noise=noise, num_steps=args.steps)
-            sync()
-            eager.append(1000 * (time.perf_counter() - t0))
-        u, e = float(np.median(ms)), float(np.median(eager))
+    if args.compare_uncached:
+        e, u = time_readable(model, batch, noise, args, sampler.autocast())
         print(f"no prefix cache (Pi0.velocity, full pass per step): p50 {u:.2f} ms; readable cached "
               f"sample_actions: p50 {e:.2f} ms; this sampler {p50:.2f} ms -> {u / p50:.1f}x vs no cache, "
               f"{e / p50:.2f}x vs readable")

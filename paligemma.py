@@ -11,10 +11,13 @@ Two networks live here, written from raw PyTorch:
    layer the queries, keys and values of all experts are concatenated along the sequence and go
    through ONE attention. That is how actions look at the image and the prompt.
 
-Axis legend used in shape comments:
-  B batch, V camera views, T tokens (of the streams in this call), S keys (cache + T),
-  N query heads, K kv heads, G = N // K query heads per kv head, H head dim,
-  W width, F mlp width, L layers, P patches per image.
+Axis legend, shared by every file of the project (each file's docstring lists the letters it uses):
+  B batch, V camera views, R image side (pixels), I image tokens (patches) per view,
+  P prefix tokens (images + prompt), L prompt tokens, D discrete target / decoded tokens,
+  C chunk (action horizon), A action dim (the model's, padded), S robot state dim,
+  T tokens of the streams in one call, M keys one call attends to (cache + T),
+  W width, F MLP width, N query heads, K kv heads, G = N // K query heads per kv head,
+  H head dim, E episodes, X frames (rows) of a dataset. Layers are spelled out: depth.
 
 Precision policy (the one place it is written down). Parameters are fp32 masters. On GPU the
 matmuls run in bf16 under torch.autocast. These always run in fp32, as in openpi's JAX code:
@@ -116,13 +119,13 @@ class SiglipBlock(nn.Module):
         self.fc1 = nn.Linear(W, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, W)
 
-    def forward(self, x):  # x: (B, P, W)
-        B, P, W = x.shape
+    def forward(self, x):  # x: (B, I, W)
+        B, I, W = x.shape
         h = self.norm1(x)
-        q, k, v = (proj(h).view(B, P, self.num_heads, -1).transpose(1, 2)  # (B, N, P, H)
+        q, k, v = (proj(h).view(B, I, self.num_heads, -1).transpose(1, 2)  # (B, N, I, H)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         attn = F.scaled_dot_product_attention(q, k, v)  # no mask: every patch sees every patch
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(B, P, W))
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(B, I, W))
         # flax's nn.gelu defaults to the tanh approximation; exact erf is off by ~1e-3
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
@@ -142,16 +145,16 @@ class SigLIP(nn.Module):
         self.head = nn.Linear(cfg.width, out_width)
 
     def forward(self, images):
-        """images: (B, 3, H, W) float in [-1, 1] -> tokens (B, P, out_width)."""
+        """images: (B, 3, R, R) float in [-1, 1] -> tokens (B, I, out_width)."""
         if images.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"SigLIP expects {self.cfg.image_size}x{self.cfg.image_size} images, "
                              f"got {tuple(images.shape[-2:])}; resize (with padding) first")
         with torch.autocast(images.device.type, enabled=False):  # the stem runs in fp32
             x = self.patch_embed(images.float())  # (B, W, h, w)
-            x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, P, W), row-major patches
+            x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, I, W), row-major patches
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))  # (B, P, out_width)
+        return self.head(self.norm(x))  # (B, I, out_width)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,13 +218,13 @@ def rope(x, cos, sin):
 def attention(q, k, v, mask):
     """Multi-query attention with fp32 logits and softmax.
 
-    q: (B, T, N, H) already rotated and scaled; k, v: (B, S, K, H); mask: (B, T, S) bool.
+    q: (B, T, N, H) already rotated and scaled; k, v: (B, M, K, H); mask: (B, T, M) bool.
     Returns (B, T, N*H).
     """
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.view(B, T, K, N // K, H)  # query head n uses kv head n // G
-    logits = torch.einsum("btkgh,bskh->bkgts", q.float(), k.float())  # (B, K, G, T, S)
+    logits = torch.einsum("btkgh,bskh->bkgts", q.float(), k.float())  # (B, K, G, T, M)
     logits = torch.where(mask[:, None, None], logits, BIG_NEG)
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
     out = torch.einsum("bkgts,bskh->btkgh", probs, v)  # (B, T, K, G, H)
@@ -330,7 +333,7 @@ class GemmaLayer(nn.Module):
     def forward(self, xs, rope_cs, mask, conds, cache=None, mods=None):
         """xs: per expert (B, T_e, W_e), or None if that expert has no tokens in this call.
         rope_cs: (cos, sin) of the positions of this call's tokens (rope_tables).
-        mask: (B, T, S) bool [query, key]; S = T, or cache.length + T with a cache.
+        mask: (B, T, M) bool [query, key]; M = T, or cache.length + T with a cache.
         conds: per expert, the adaRMS condition (B, C) or None; or mods, this layer's
         modulations precomputed (self.modulations). They are computed here, inside the layer,
         so that an FSDP unit of one layer gathers its norms' weights when it needs them.
@@ -398,7 +401,7 @@ class Gemma(nn.Module):
 
         xs: one entry per expert, (B, T_e, W_e) or None if that expert has no tokens in this call.
         positions: (B, T) RoPE positions of the present streams, concatenated in expert order.
-        attn_mask: (B, T, S) bool [query, key]; S = T, or cache.length + T with a cache.
+        attn_mask: (B, T, M) bool [query, key]; M = T, or cache.length + T with a cache.
         conds: per expert, the adaRMS condition (B, C) or None; or mods, their modulations
           precomputed (self.modulations: the fast sampler's per-step constants).
         cache: a KVCache this call writes its keys and values to and reads earlier ones from.

@@ -17,8 +17,8 @@ Token layout and attention (ar = 1 starts a new causal block, see paligemma.make
 Conventions follow openpi's JAX code, not the paper: t = 1 is noise, t = 0 is data;
 x_t = t * noise + (1 - t) * actions; the network predicts u = noise - actions.
 
-Axis legend: B batch, V views, P prefix tokens, S suffix tokens, C chunk (action horizon),
-A action dim, W width.
+Axis legend (paligemma.py's): B batch, V views, I image tokens per view, P prefix tokens,
+T suffix tokens, C chunk (action horizon), A action dim, W width.
 """
 
 import math
@@ -190,9 +190,9 @@ class Pi0(nn.Module):
             return self.action_out_proj(suffix_out[:, -self.cfg.action_horizon:].float())
 
     def embed_images(self, images):
-        """(B, V, 3, R, R) -> image tokens (B, V*P_img, W): all views in one pass, views in order."""
+        """(B, V, 3, R, R) -> image tokens (B, V*I, W): all views in one pass, views in order."""
         B = images.shape[0]
-        img = self.vision(images.flatten(0, 1))  # (B*V, P_img, W)
+        img = self.vision(images.flatten(0, 1))  # (B*V, I, W)
         return img.view(B, -1, img.shape[-1])
 
     def embed_prefix(self, batch, image_tokens=None):
@@ -278,10 +278,10 @@ class Pi0(nn.Module):
         """Velocity at (x_t, t) for suffix tokens that attend to the cached prefix. The suffix is
         written after the prefix and not kept: the next step writes over it."""
         suffix, suffix_mask, suffix_ar, cond = self.embed_suffix(state, x_t, t)
-        B, S = suffix_mask.shape
+        B, T = suffix_mask.shape
         # suffix queries see every valid prefix token, and the suffix by its own ar mask
-        mask = torch.cat([prefix_mask[:, None, :].expand(B, S, -1),
-                          make_attn_mask(suffix_mask, suffix_ar)], dim=2)  # (B, S, P + S)
+        mask = torch.cat([prefix_mask[:, None, :].expand(B, T, -1),
+                          make_attn_mask(suffix_mask, suffix_ar)], dim=2)  # (B, T, P + T)
         # positions continue after the valid prefix tokens
         positions = prefix_mask.sum(-1, keepdim=True) + make_positions(suffix_mask)
         _, out = self.llm([None, suffix], positions, mask, conds=[None, cond], cache=cache)

@@ -19,7 +19,7 @@ https://arxiv.org/abs/2505.23705): in one step,
     the discrete targets (they would give the answer away).
 At inference only the expert runs: sampling is pi0's, with this suffix.
 
-Axis legend: B batch, P prefix tokens, D discrete target tokens, C chunk, A action dim, W width.
+Axis legend (paligemma.py's): B batch, P prefix tokens, D discrete target tokens, C chunk, A action dim, W width.
 """
 
 from dataclasses import dataclass, replace

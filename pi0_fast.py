@@ -20,7 +20,8 @@ outputs): training uses positions arange(T), so masked cameras still consume pos
 decoding skips one position after the prefix (openpi issue #705). By default positions are
 cumsum(mask) - 1 in both, so training and decoding agree.
 
-Axis legend: B batch, T tokens, P prefix slots, D decoding steps, W width, C chunk, A action dim.
+Axis legend (paligemma.py's): B batch, T tokens, P prefix slots, D decoded tokens, W width, C chunk,
+A action dim.
 """
 
 import time as timer

@@ -12,7 +12,7 @@ Commands:
   python policy.py serve --checkpoint DIR --port 8000     # openpi's websocket protocol
   python policy.py plot --checkpoint DIR --data DATASET   # predicted vs recorded chunks (PNG)
 
-Axis legend: N observations, C chunk (action horizon), A action dim.
+Axis legend (paligemma.py's): B observations, C chunk (action horizon), A action dim.
 """
 
 import argparse

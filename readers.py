@@ -25,13 +25,13 @@ LeRobot on disk (meta/info.json says which version; its features name the column
     in a parquet column). pyarrow and av are needed for LeRobot only: pip install pyarrow av.
 
 HDF5 layout (ALOHA, one file per episode, plus two optional root attributes of ours):
-    /observations/qpos (T, S)   /observations/images/<camera> (T, H, W, 3) uint8   /action (T, A)
+    /observations/qpos (X, S)   /observations/images/<camera> (X, H, W, 3) uint8   /action (X, A)
     attrs["prompt"] = "the task"   attrs["fps"] = 50
 
 Errors name the file and the field (a missing column, NaN actions, an fps that disagrees with the
 timestamps, a truncated video): bad data fails loudly here, not as a quietly worse policy.
 
-Axis legend: N frames in a dataset, E episodes, T frames in an episode, C chunk (action horizon),
+Axis legend (paligemma.py's): X frames (of a dataset, or of one episode), E episodes, C chunk (action horizon),
 S state dim, A action dim, H/W image height/width.
 """
 
@@ -46,12 +46,12 @@ import numpy as np
 from PIL import Image
 
 
-def _require(module, pip_name):
+def require(module, pip_name, what="reading LeRobot datasets"):
     """Import an optional extra, or fail with the pip command that installs it."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"reading LeRobot datasets needs '{pip_name}': pip install {pip_name}") from e
+        raise ImportError(f"{what} needs '{pip_name}': pip install {pip_name}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,11 +59,11 @@ def _require(module, pip_name):
 
 
 class EpisodeFrames:
-    """What both readers share: per-frame state and actions in memory (N rows, episodes stored
+    """What both readers share: per-frame state and actions in memory (X rows, episodes stored
     contiguously), episode bounds, and the action chunk of a frame.
 
-    Subclasses set: fps, chunk_size, action_fps, cameras, state (N, S), actions (N, A),
-    ep_start / ep_end (E,) row bounds [start, end), row_episode (N,) episode position per row."""
+    Subclasses set: fps, chunk_size, action_fps, cameras, state (X, S), actions (X, A),
+    ep_start / ep_end (E,) row bounds [start, end), row_episode (X,) episode position per row."""
 
     def __len__(self):
         return len(self.state)
@@ -119,7 +119,7 @@ def decode_video_frame(path, timestamp, tolerance_s=1e-4):
     Seek to the keyframe before the timestamp and decode forward; the frame whose presentation
     time matches within tolerance_s is the answer (what LeRobot's decoders do). Opening the file
     per call costs about a millisecond and keeps DataLoader workers free of shared decoder state."""
-    av = _require("av", "av")
+    av = require("av", "av")
     best, best_dt = None, float("inf")
     try:
         with av.open(str(path)) as container:
@@ -143,7 +143,7 @@ def decode_video_frame(path, timestamp, tolerance_s=1e-4):
 
 def _read_parquet(path, columns):
     """Read some columns of a parquet file; a missing column names the file and the column."""
-    pq = _require("pyarrow.parquet", "pyarrow")
+    pq = require("pyarrow.parquet", "pyarrow")
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: file listed by the dataset's metadata does not exist")
     names = pq.read_schema(path).names
@@ -154,8 +154,8 @@ def _read_parquet(path, columns):
 
 
 def _column_to_numpy(table, key, path):
-    """A scalar or fixed-length-list parquet column -> numpy (N,) or (N, D)."""
-    pa = _require("pyarrow", "pyarrow")
+    """A scalar or fixed-length-list parquet column -> numpy (X,) or (X, D)."""
+    pa = require("pyarrow", "pyarrow")
     col = table.column(key).combine_chunks()
     if isinstance(col, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):
         flat = col.flatten().to_numpy(zero_copy_only=False)
@@ -167,14 +167,14 @@ def _column_to_numpy(table, key, path):
 
 @functools.lru_cache(maxsize=None)
 def _row_group_starts(path):
-    md = _require("pyarrow.parquet", "pyarrow").ParquetFile(path).metadata
+    md = require("pyarrow.parquet", "pyarrow").ParquetFile(path).metadata
     return np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
 
 
 @functools.lru_cache(maxsize=16)
 def _read_row_group(path, group, column):
     # Image columns are big, so they stay on disk; a small cache makes neighbouring rows cheap.
-    pq = _require("pyarrow.parquet", "pyarrow")
+    pq = require("pyarrow.parquet", "pyarrow")
     return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0)
 
 
@@ -220,9 +220,9 @@ class LeRobotDataset(EpisodeFrames):
             if cam not in all_cams:
                 raise KeyError(f"{info_path}: no camera '{cam}' (cameras: {all_cams})")
         self.is_video = {cam: feats[cam]["dtype"] == "video" for cam in self.cameras}
-        _require("pyarrow.parquet", "pyarrow")                     # fail early, with the pip command
+        require("pyarrow.parquet", "pyarrow")                     # fail early, with the pip command
         if any(self.is_video.values()):
-            _require("av", "av")
+            require("av", "av")
         self.tasks, episodes = self._read_meta_v2() if self.version.startswith("v2") else self._read_meta_v3()
         self.episode_index = np.array([e["episode_index"] for e in episodes])
         self.video = {cam: [(e["video"][cam], e["video_from"][cam]) for e in episodes]
@@ -380,7 +380,7 @@ class LeRobotDataset(EpisodeFrames):
 
 
 def write_hdf5_episode(path, state, actions, images, *, prompt=None, fps=None):
-    """Write one ALOHA-layout episode: state (T, S), actions (T, A), images {camera: (T, H, W, 3)
+    """Write one ALOHA-layout episode: state (X, S), actions (X, A), images {camera: (X, H, W, 3)
     uint8}. The prompt and fps go into root attributes (`prompt`, `fps`), which HDF5Dataset reads
     before falling back to its arguments. Used by the tests and by sim.py's demo recorder."""
     state, actions = np.asarray(state, np.float32), np.asarray(actions, np.float32)
@@ -410,7 +410,7 @@ def _read_hdf5_episode(path):
         state, actions = f["observations/qpos"][()], f["action"][()]
         if len(state) != len(actions) or state.ndim != 2 or actions.ndim != 2:
             raise ValueError(f"{path}: '/observations/qpos' {state.shape} and '/action' {actions.shape} "
-                             "must be (T, S) and (T, A) with the same T")
+                             "must be (X, S) and (X, A) with the same X")
         shapes = {c: f[f"observations/images/{c}"].shape for c in f["observations/images"]}
         for c, shape in shapes.items():
             if len(shape) != 4 or shape[0] != len(state):

@@ -29,11 +29,10 @@ Command line:
     python sim.py eval --checkpoint ckpt/ --env pusht --episodes 50 --camera observation.image
     python sim.py eval --expert --env builtin            # the scripted expert, no checkpoint needed
 
-Axis legend: N live episodes, C chunk (actions per policy call), A action dim, H/W image size.
+Axis legend (paligemma.py's): E live episodes, C chunk (actions per policy call), A action dim, H/W image size.
 """
 
 import argparse
-import importlib
 import io
 import json
 import math
@@ -47,6 +46,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data import HDF5Dataset, compute_norm_stats, save_norm_stats, write_hdf5_episode
+from readers import require
 
 # ----------------------------------------------------------------------------------------------
 # The built-in task
@@ -144,7 +144,7 @@ class ReachEnv:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference policies: anything with infer_batch(observations, noise=None) -> (N, C, A)
+# Reference policies: anything with infer_batch(observations, noise=None) -> (E, C, A)
 
 
 class ExpertPolicy:
@@ -167,7 +167,7 @@ class ExpertPolicy:
                 raise ValueError(f"ExpertPolicy: no {colour} pixels in camera '{self.camera}'")
             centre = [(cols.mean() + 0.5) / IMAGE_SIZE * 2 - 1, 1 - (rows.mean() + 0.5) / IMAGE_SIZE * 2]
             chunks.append([centre] * self.chunk_size)
-        return np.array(chunks, np.float32)  # (N, C, 2)
+        return np.array(chunks, np.float32)  # (E, C, 2)
 
 
 class RandomPolicy:
@@ -187,10 +187,7 @@ class RandomPolicy:
 
 
 def _require(module, pip_name):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"this environment needs the optional extra '{pip_name}': pip install {pip_name}") from e
+    return require(module, pip_name, what="this environment")
 
 
 class GymAdapter:
@@ -320,7 +317,7 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
             need = [j for j in live if not queue[j]]  # all live episodes, since they run in lockstep
             if need:
                 t0 = time.perf_counter()
-                actions = np.asarray(policy.infer_batch([obs[j] for j in need]))  # (N, C, A)
+                actions = np.asarray(policy.infer_batch([obs[j] for j in need]))  # (E, C, A)
                 infer_s, calls, chunks = infer_s + time.perf_counter() - t0, calls + 1, chunks + len(need)
                 if actions.ndim != 3 or len(actions) != len(need) or actions.shape[2] != envs[0].action_dim:
                     raise ValueError(f"policy returned actions of shape {actions.shape}, expected "
