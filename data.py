@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -84,6 +85,37 @@ def resize_with_pad(image, height=224, width=224):
         top, left = max(0, int((height - new_h) / 2)), max(0, int((width - new_w) / 2))
         out[n, top:top + new_h, left:left + new_w] = resized
     return out.reshape(*image.shape[:-3], height, width, image.shape[-1])
+
+
+def as_uint8_image(image, camera="image"):
+    """An (H, W, 3) image as uint8, openpi's way: uint8 as is; float in [0, 1] -> (255 x) cast to
+    uint8 (openpi's policies do this). Anything else is an error naming the camera: a float image
+    in [0, 255] or a uint16 one would otherwise come out nearly white or black, with no error."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image '{camera}' has shape {image.shape}, expected (H, W, 3)")
+    if image.dtype == np.uint8:
+        return image
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise ValueError(f"image '{camera}' is {image.dtype} with NaN or inf values")
+        if image.min() < 0 or image.max() > 1:
+            raise ValueError(f"image '{camera}' is {image.dtype} with values in [{image.min():.3g}, "
+                             f"{image.max():.3g}]: a float image must lie in [0, 1] (or send uint8)")
+        return (255 * image).astype(np.uint8)
+    raise ValueError(f"image '{camera}' has dtype {image.dtype} (shape {image.shape}): expected uint8, "
+                     f"or float in [0, 1]")
+
+
+def check_finite(x, name):
+    """Raise if x has NaN or inf, naming the dims: a NaN state gives NaN or plausible-looking
+    (pi0.5's bins clamp it) actions, never an error of its own."""
+    x = np.asarray(x, np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        dims = sorted(set(np.nonzero(bad)[-1].tolist()))
+        raise ValueError(f"{name} has NaN or inf (dims {dims}): {np.array2string(x, threshold=20)}")
+    return x
 
 
 def image_to_float(image):
@@ -231,7 +263,16 @@ def compute_norm_stats(dataset, *, delta_mask=None, bins=5000, progress=True):
             else:
                 chunks, is_pad = dataset.action_chunks(rows)
                 stats["actions"].update(delta_actions(chunks, dataset.state[rows], delta_mask)[~is_pad])
-    return {k: s.result() for k, s in stats.items()}
+    for k, s in stats.items():
+        if s.n == 0:
+            raise ValueError(f"norm stats: the dataset has no {k} frames ({dataset.num_episodes} episodes, all empty)")
+    result = {k: s.result() for k, s in stats.items()}
+    for k, r in result.items():
+        constant = np.flatnonzero(r["q99"] - r["q01"] <= 0).tolist()
+        if constant:  # normalize divides by std + 1e-6 (openpi's): a constant dim maps x - mean to 1e6 x
+            warnings.warn(f"norm stats: {k} dims {constant} are constant in this dataset (std {r['std'][constant]}); "
+                          f"normalize divides by std + 1e-6, as openpi does, so any other value there becomes huge")
+    return result
 
 
 def save_norm_stats(stats, path):
@@ -245,11 +286,29 @@ def save_norm_stats(stats, path):
 
 
 def load_norm_stats(path):
-    """openpi's norm_stats.json -> {"state": {"mean": array, ...}, "actions": {...}}."""
-    raw = json.loads(Path(path).read_text())
+    """openpi's norm_stats.json -> {"state": {"mean": array, ...}, "actions": {...}}, checked:
+    every value finite, std >= 0 and q99 >= q01 (a NaN std would turn every action into NaN)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if "norm_stats" not in raw:
         raise KeyError(f"{path}: no top-level 'norm_stats' key (openpi's norm_stats.json format)")
-    return {k: {s: np.asarray(v, np.float32) for s, v in d.items()} for k, d in raw["norm_stats"].items()}
+    out = {}
+    for key, d in raw["norm_stats"].items():
+        out[key] = {}
+        for s, v in d.items():
+            v = np.asarray(v if v is not None else np.nan, np.float32)
+            if not np.isfinite(v).all():
+                raise ValueError(f"{path}: norm_stats.{key}.{s} has NaN or inf at dims "
+                                 f"{np.flatnonzero(~np.isfinite(v)).tolist()}")
+            out[key][s] = v
+        if "std" in out[key] and (out[key]["std"] < 0).any():
+            raise ValueError(f"{path}: norm_stats.{key}.std is negative at dims {np.flatnonzero(out[key]['std'] < 0).tolist()}")
+        if "q01" in out[key] and "q99" in out[key] and (out[key]["q99"] < out[key]["q01"]).any():
+            raise ValueError(f"{path}: norm_stats.{key}: q99 < q01 at dims "
+                             f"{np.flatnonzero(out[key]['q99'] < out[key]['q01']).tolist()}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,10 +359,10 @@ class Transforms:
                 continue
             if cam not in sample["images"]:
                 raise KeyError(f"camera '{cam}' not in the sample (cameras: {sorted(sample['images'])})")
-            image = resize_with_pad(sample["images"][cam], self.image_size, self.image_size)
+            image = resize_with_pad(as_uint8_image(sample["images"][cam], cam), self.image_size, self.image_size)
             views.append(image_to_float(image))
             masks.append(True)
-        raw_state = np.asarray(sample["state"], np.float32)
+        raw_state = check_finite(sample["state"], "state")
         state = self._normalize(raw_state, "state")
         # pi0.5 puts the normalized, unpadded state into its prompt; pi0 ignores it
         tokens, token_masks = self.tokenize(sample["prompt"], state)
@@ -311,7 +370,7 @@ class Transforms:
                    state=pad_last(state, self.state_dim)[0] if self.state_dim else state,
                    tokens=np.asarray(tokens, np.int64), token_masks=np.asarray(token_masks, bool))
         if "actions" in sample:                                            # absent at inference
-            actions = np.asarray(sample["actions"], np.float32)
+            actions = check_finite(sample["actions"], "actions")
             if self.delta_mask is not None:
                 actions = delta_actions(actions, raw_state, self.delta_mask)
             actions = self._normalize(actions, "actions")

@@ -22,10 +22,12 @@ A checkpoint directory holds:
     train_state.pt      (training checkpoints only) optimizer, EMA, step, RNG, data position
 """
 
+import glob
 import importlib
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import torch
@@ -62,16 +64,49 @@ def build(cfg):
     return model_file(cfg.model).Model(cfg)
 
 
+def read_json(path):
+    """A JSON file, or an error that names it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_config(path):
-    with open(os.path.join(path, "config.json")) as f:
-        return config_from_dict(json.load(f), os.path.join(path, "config.json"))
+    where = os.path.join(path, "config.json")
+    try:
+        return config_from_dict(read_json(where), where)
+    except TypeError as e:  # a field this code does not know, or one missing
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load(path, device="cpu"):
     """Rebuild any of our models from a checkpoint directory, weights loaded strictly."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-    model = build(read_config(path))
-    load_state_strict(model, load_file(os.path.join(path, "model.safetensors"), device=str(device)))
+    path = str(path)
+    if not os.path.isdir(path):
+        aside = sorted(glob.glob(f"{path.rstrip('/')}.old-*"))
+        raise FileNotFoundError(f"{path}: no checkpoint directory there" + (
+            f" (a complete earlier version was moved aside to {aside[-1]} by a write that did not finish: "
+            "rename it back)" if aside else ""))
+    cfg = read_config(path)
+    weights = os.path.join(path, "model.safetensors")
+    try:
+        with safe_open(weights, "pt") as f:
+            saved = (f.metadata() or {}).get("config")
+        state = load_file(weights, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    if saved is not None:
+        now = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON lists, as saved
+        changed = {k: (v, now.get(k)) for k, v in json.loads(saved).items() if now.get(k) != v}
+        if changed:
+            raise ValueError(f"{path}/config.json differs from the config the weights were saved with: " + ", ".join(
+                f"{k} is {new!r}, was {old!r}" for k, (old, new) in changed.items()) + "; restore config.json")
+    model = build(cfg)
+    load_state_strict(model, state)
     return model.to(device)
 
 
@@ -87,41 +122,91 @@ def load_sentencepiece(path):
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
-def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=None, state_dict=None):
-    """Write a checkpoint directory atomically: model.safetensors, config.json, norm_stats.json.
+# ----------------------------------------------------------------------------------------------
+# Writing a checkpoint directory: complete under its final name, or not there at all
 
-    Everything goes to a temporary sibling first, then one rename publishes it, so a crash
-    never leaves a half-written checkpoint. An existing directory is replaced only at the end.
-    norm_stats: {"state": {"mean": ..., ...}, "actions": ...} (lists or arrays).
-    extra_files: paths copied in verbatim (e.g. a tokenizer model); json_files: {name: object}.
-    state_dict: the weights to write, if not model.state_dict() (e.g. LoRA merged into them).
-    """
+
+_crash_counts = {}
+
+
+def crash_point(name):
+    """Fault injection for the crash-safety test: PI_CRASH_AT=NAME:N kills this process with
+    SIGKILL (no cleanup, no flush, as a power cut or the OOM killer would) the N-th time it
+    passes the point NAME. A no-op otherwise."""
+    target, _, nth = os.environ.get("PI_CRASH_AT", "").partition(":")
+    if target == name:
+        _crash_counts[name] = _crash_counts.get(name, 0) + 1
+        if _crash_counts[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_path(path):
+    """Flush a file's or a directory's contents (a directory: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(model, tmp, norm_stats=None, extra_files=(), json_files=None, state_dict=None):
+    """Write a checkpoint directory's files into `tmp` (created empty) and sync them."""
     from safetensors.torch import save_file
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     state = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(state, os.path.join(tmp, "model.safetensors"))
+    config = model.cfg.to_dict()
+    # the config travels inside the weights too: load() notices a config.json edited afterwards
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"config": json.dumps(config, sort_keys=True)})
     os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)  # safetensors writes it owner-only
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(model.cfg.to_dict(), f, indent=2)
+    crash_point("weights-written")
+    files = dict(json_files or {}, **{"config.json": config})
     if norm_stats is not None:
-        with open(os.path.join(tmp, "norm_stats.json"), "w") as f:
-            json.dump({"norm_stats": {k: {s: np.asarray(v, np.float64).tolist() for s, v in d.items()}
-                                      for k, d in norm_stats.items()}}, f, indent=2)
-    for extra in extra_files:
-        shutil.copy(extra, tmp)
-    for name, obj in (json_files or {}).items():
+        files["norm_stats.json"] = {"norm_stats": {k: {s: np.asarray(v, np.float64).tolist() for s, v in d.items()}
+                                                   for k, d in norm_stats.items()}}
+    for name, obj in files.items():
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(obj, f, indent=2)
-    if os.path.exists(path):  # swap: old -> .old, new -> path, then drop the old one
-        os.replace(path, f"{path}.old-{os.getpid()}")
-        os.replace(tmp, path)
-        shutil.rmtree(f"{path}.old-{os.getpid()}")
-    else:
-        os.replace(tmp, path)
+    for extra in extra_files:
+        shutil.copy(extra, tmp)
+
+
+def publish(tmp, path):
+    """Sync tmp's files and entries, then give it its final name with one rename, then sync the
+    parent so the rename itself survives a power cut. An existing `path` is replaced: it is
+    renamed aside first (`path.old-<pid>`, which load() points to if we die between the two
+    renames) and removed only once the new directory is in place."""
+    for name in os.listdir(tmp):
+        fsync_path(os.path.join(tmp, name))
+    fsync_path(tmp)
+    crash_point("before-publish")
+    parent = os.path.dirname(os.path.abspath(path))
+    old = None
+    if os.path.exists(path):
+        old = f"{path}.old-{os.getpid()}"
+        os.replace(path, old)
+        crash_point("moved-aside")
+    os.replace(tmp, path)
+    fsync_path(parent)
+    crash_point("published")
+    if old:
+        shutil.rmtree(old)
+
+
+def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=None, state_dict=None):
+    """Write a checkpoint directory atomically: model.safetensors, config.json, norm_stats.json.
+
+    Everything goes to a temporary sibling first, is synced to disk, then one rename publishes
+    it: a crash never leaves a half-written checkpoint under the final name.
+    norm_stats: {"state": {"mean": ..., ...}, "actions": ...} (lists or arrays).
+    extra_files: paths copied in verbatim (e.g. a tokenizer model); json_files: {name: object}.
+    state_dict: the weights to write, if not model.state_dict() (e.g. LoRA merged into them).
+    """
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_checkpoint(model, tmp, norm_stats, extra_files, json_files, state_dict)
+    publish(tmp, path)
 
 
 if __name__ == "__main__":

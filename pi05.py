@@ -177,7 +177,8 @@ def target_tokenizer(cfg, sp, fast, max_tokens):
         ids = fast.encode(actions, clip=True)  # clip: an outlier is not fatal
         ids = fast_to_paligemma(np.asarray(ids), fast.vocab_size, cfg.vocab_size).tolist() + end
         if len(ids) > max_tokens:
-            raise ValueError(f"a chunk needs {len(ids)} FAST tokens, --max-fast-tokens is {max_tokens}")
+            raise ValueError(f"a chunk needs {len(ids)} FAST target slots, the batch has {max_tokens} (measured "
+                             f"on the training data at start): is this sample from another dataset?")
         tokens = np.zeros(max_tokens, np.int64)
         tokens[:len(ids)] = ids
         return {"target_tokens": tokens, "target_masks": np.arange(max_tokens) < len(ids)}

@@ -17,6 +17,7 @@ Axis legend (paligemma.py's): B observations, C chunk (action horizon), A action
 
 import argparse
 import json
+import logging
 import os
 import time
 
@@ -26,6 +27,8 @@ import torch
 import data
 import models
 from infer import FastSampler
+
+log = logging.getLogger("policy")
 
 
 class Policy:
@@ -65,9 +68,8 @@ class Policy:
 
     def sample_fast(self, batch, noise=None):
         """pi0-FAST: greedy tokens -> action chunks. An answer that does not decode is flagged in
-        self.valid (and a warning), never silently turned into zeros for the robot."""
-        import warnings
-
+        self.valid (returned with the actions, and a warning on every call that has one), never
+        silently turned into zeros for the robot."""
         from pi0_fast import extract_actions
         cfg = self.model.cfg
         tokens = self.model.sample_tokens(batch).cpu().numpy()
@@ -75,8 +77,8 @@ class Policy:
                for t in tokens]
         self.valid = np.array([v for _, v in out])
         if not self.valid.all():
-            warnings.warn(f"pi0-FAST answers {np.flatnonzero(~self.valid).tolist()} did not decode to "
-                          f"action chunks; their actions are a best effort (see Policy.valid)")
+            log.warning(f"pi0-FAST answers of examples {np.flatnonzero(~self.valid).tolist()} of this batch did not "
+                        f"decode to action chunks; their actions are a best effort (Policy.valid is False there)")
         return torch.from_numpy(np.stack([a for a, _ in out]))
 
     def infer_batch(self, observations, noise=None):
@@ -97,10 +99,14 @@ class Policy:
         return actions.astype(np.float32)
 
     def infer(self, observation, noise=None):
-        """One observation -> {"actions": (C, A_robot), "policy_timing": {"infer_ms": ...}}."""
+        """One observation -> {"actions": (C, A_robot), "policy_timing": {"infer_ms": ...}}, and for
+        pi0-FAST "valid": whether the answer decoded to a real chunk."""
         t0 = time.perf_counter()
         actions = self.infer_batch([observation], None if noise is None else np.asarray(noise)[None])
-        return {"actions": actions[0], "policy_timing": {"infer_ms": 1000 * (time.perf_counter() - t0)}}
+        out = {"actions": actions[0], "policy_timing": {"infer_ms": 1000 * (time.perf_counter() - t0)}}
+        if self.valid is not None:
+            out["valid"] = bool(self.valid[0])
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

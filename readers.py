@@ -141,16 +141,46 @@ def decode_video_frame(path, timestamp, tolerance_s=1e-4):
     return image
 
 
+def read_json(path):
+    """A JSON file, or an error naming it and where it breaks."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path):
+    """A JSON-lines file -> list of objects; a broken line is an error naming the file and line."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
+    return out
+
+
+def named_file_errors(path, kind, fn, *args):
+    """fn(*args), a reader of `path`; a corrupt or truncated file becomes an error naming it."""
+    try:
+        return fn(*args)
+    except (KeyError, FileNotFoundError):
+        raise
+    except Exception as e:  # pyarrow's ArrowInvalid, h5py's OSError, ...: say which file it was
+        raise ValueError(f"{path}: not a readable {kind} file ({type(e).__name__}: {e})") from None
+
+
 def _read_parquet(path, columns):
     """Read some columns of a parquet file; a missing column names the file and the column."""
     pq = require("pyarrow.parquet", "pyarrow")
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: file listed by the dataset's metadata does not exist")
-    names = pq.read_schema(path).names
+    names = named_file_errors(path, "parquet", pq.read_schema, path).names
     for c in columns:
         if c not in names:
             raise KeyError(f"{path}: missing column '{c}' (columns: {names})")
-    return pq.read_table(path, columns=list(columns))
+    return named_file_errors(path, "parquet", lambda: pq.read_table(path, columns=list(columns)))
 
 
 def _column_to_numpy(table, key, path):
@@ -167,7 +197,7 @@ def _column_to_numpy(table, key, path):
 
 @functools.lru_cache(maxsize=None)
 def _row_group_starts(path):
-    md = require("pyarrow.parquet", "pyarrow").ParquetFile(path).metadata
+    md = named_file_errors(path, "parquet", require("pyarrow.parquet", "pyarrow").ParquetFile, path).metadata
     return np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
 
 
@@ -205,7 +235,7 @@ class LeRobotDataset(EpisodeFrames):
         info_path = self.root / "meta" / "info.json"
         if not info_path.exists():
             raise FileNotFoundError(f"{info_path}: not a LeRobot dataset (no meta/info.json)")
-        self.info = json.loads(info_path.read_text())
+        self.info = read_json(info_path)
         self.version = self.info.get("codebase_version", "?")
         if not self.version.startswith(("v2", "v3")):
             raise ValueError(f"{info_path}: codebase_version {self.version}; v2.x and v3.0 are supported")
@@ -236,7 +266,6 @@ class LeRobotDataset(EpisodeFrames):
     # -- metadata --------------------------------------------------------------------------------
     def _read_meta_v2(self):
         meta = self.root / "meta"
-        read_jsonl = lambda p: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         tasks = {t["task_index"]: t["task"] for t in read_jsonl(meta / "tasks.jsonl")}
         episodes = []
         for e in sorted(read_jsonl(meta / "episodes.jsonl"), key=lambda e: e["episode_index"]):
@@ -349,12 +378,12 @@ class LeRobotDataset(EpisodeFrames):
         way LeRobot does). Informational: training uses data.compute_norm_stats."""
         stats_path = self.root / "meta" / "stats.json"
         if stats_path.exists():
-            raw = json.loads(stats_path.read_text())
+            raw = read_json(stats_path)
             return {k: {s: np.asarray(v) for s, v in d.items()} for k, d in raw.items()}
         per_ep = self.root / "meta" / "episodes_stats.jsonl"
         if not per_ep.exists():
             return {}
-        eps = [json.loads(line)["stats"] for line in per_ep.read_text().splitlines() if line.strip()]
+        eps = [e["stats"] for e in read_jsonl(per_ep)]
         out = {}
         for key in eps[0]:
             s = [{k: np.asarray(v, np.float64) for k, v in e[key].items()} for e in eps]
@@ -403,7 +432,7 @@ def write_hdf5_episode(path, state, actions, images, *, prompt=None, fps=None):
 
 def _read_hdf5_episode(path):
     """State, actions, camera shapes and root attributes of one ALOHA-layout file, checked."""
-    with h5py.File(path, "r") as f:
+    with named_file_errors(path, "HDF5", h5py.File, path, "r") as f:
         for key in ("observations/qpos", "action", "observations/images"):
             if key not in f:
                 raise KeyError(f"{path}: missing dataset '/{key}' (ALOHA layout)")
@@ -457,6 +486,12 @@ class HDF5Dataset(EpisodeFrames):
             if cam not in self.image_shapes:
                 raise KeyError(f"{self.files[0]}: no camera '{cam}' (cameras: {sorted(self.image_shapes)})")
         self.tasks = list(dict.fromkeys(self.prompts))
+        for path, (state, actions, _, _) in zip(self.files, episodes):
+            if state.shape[1:] != episodes[0][0].shape[1:] or actions.shape[1:] != episodes[0][1].shape[1:]:
+                raise ValueError(f"{path}: state width {state.shape[1]} / action width {actions.shape[1]} differ "
+                                 f"from {self.files[0]}'s {episodes[0][0].shape[1]} / {episodes[0][1].shape[1]}")
+        if sum(len(e[0]) for e in episodes) == 0:
+            raise ValueError(f"{self.files[0].parent}: every episode is empty (no frames)")
         self.state = np.concatenate([e[0] for e in episodes])
         self.actions = np.concatenate([e[1] for e in episodes])
         self._set_episodes([len(e[0]) for e in episodes])

@@ -313,6 +313,7 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
         obs = [env.reset(s) for env, s in zip(envs, seeds)]
         frames = [[o["images"][envs[0].cameras[0]]] for o in obs[:max(0, record - first)]]
         queue, length, live = [[] for _ in seeds], [0] * len(seeds), list(range(len(seeds)))
+        undecoded = [0] * len(seeds)  # chunks per episode that did not decode (pi0-FAST)
         while live:
             need = [j for j in live if not queue[j]]  # all live episodes, since they run in lockstep
             if need:
@@ -322,8 +323,14 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
                 if actions.ndim != 3 or len(actions) != len(need) or actions.shape[2] != envs[0].action_dim:
                     raise ValueError(f"policy returned actions of shape {actions.shape}, expected "
                                      f"({len(need)}, chunk, {envs[0].action_dim}) for env {env_name}")
-                for j, chunk in zip(need, actions):
+                if n_action_steps > actions.shape[1]:
+                    raise ValueError(f"n_action_steps {n_action_steps} exceeds the policy's chunk of "
+                                     f"{actions.shape[1]} actions: execute at most {actions.shape[1]} per call")
+                valid = getattr(policy, "valid", None)  # pi0-FAST: False where an answer did not decode
+                for i, (j, chunk) in enumerate(zip(need, actions)):
                     queue[j] = list(chunk[:n_action_steps])
+                    if valid is not None and not valid[i]:
+                        undecoded[j] += 1
             t0 = time.perf_counter()
             for j in list(live):
                 obs[j], success, done = envs[j].step(queue[j].pop(0))
@@ -333,7 +340,7 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
                 if done:
                     live.remove(j)
                     results.append(dict(seed=seeds[j], success=bool(success), length=length[j],
-                                        prompt=obs[j]["prompt"]))
+                                        prompt=obs[j]["prompt"], undecoded_chunks=undecoded[j]))
                     bar.update(1)
             step_s += time.perf_counter() - t0
         for env in envs:
@@ -347,7 +354,9 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
     out = dict(env=env_name, episodes=episodes, seed=seed, n_action_steps=n_action_steps, successes=k,
                success_rate=k / episodes, ci95=[lo, hi], mean_length=total_steps / episodes,
                infer_ms_per_call=1000 * infer_s / max(calls, 1), infer_ms_per_chunk=1000 * infer_s / max(chunks, 1),
-               env_ms_per_step=1000 * step_s / max(total_steps, 1), policy_calls=calls, results=results)
+               env_ms_per_step=1000 * step_s / max(total_steps, 1), policy_calls=calls,
+               undecoded_chunks=sum(r["undecoded_chunks"] for r in results),
+               episodes_with_undecoded=sum(r["undecoded_chunks"] > 0 for r in results), results=results)
     if record:
         out["videos"] = videos[:record]
     return out
@@ -499,6 +508,9 @@ def main(argv=None):
           f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean episode length {r['mean_length']:.1f} steps")
     print(f"inference {r['infer_ms_per_call']:.1f} ms per call ({r['infer_ms_per_chunk']:.2f} ms per chunk), "
           f"env {r['env_ms_per_step']:.2f} ms per step, {r['policy_calls']} calls, n_action_steps {r['n_action_steps']}")
+    if r["undecoded_chunks"]:
+        print(f"WARNING: {r['undecoded_chunks']} chunks in {r['episodes_with_undecoded']} episodes did not decode "
+              f"(pi0-FAST answers that are not FAST tokens; the robot got a best-effort chunk)")
     if args.out:
         print("wrote " + " and ".join(str(p) for p in save_eval(r, args.out, args.checkpoint)))
 

@@ -25,9 +25,12 @@ model, the step, checkpoints, export), then a short main() that calls them in or
 import argparse
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 
@@ -46,7 +49,8 @@ p.add_argument("--norm-stats", default=None, help="norm_stats.json to use for al
 p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: from --init, or the built-in task's)")
 p.add_argument("--init", default=None, help="checkpoint directory to start from (e.g. from convert_jax.py)")
 p.add_argument("--out", default=None, help="run directory (default: runs/<model>)")
-p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
+p.add_argument("--resume-allow", default="", help="comma list of knobs --resume may see changed (e.g. steps,lr)")
 p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
 p.add_argument("--batch-size", type=int, default=32, help="global batch size (all ranks, all accumulation steps)")
 p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
@@ -83,6 +87,60 @@ args = p.parse_args() if __name__ == "__main__" else None
 import data  # noqa: E402  (after argparse so --help is instant)
 import models  # noqa: E402
 from pi0 import sample_noise_and_time  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Knobs checked up front: a bad value stops the run before any work, saying what is allowed.
+
+
+def parse_data_spec(spec):
+    """"PATH" or "PATH:WEIGHT" -> (path, weight or None). A path that exists wins over a colon."""
+    if ":" not in spec or os.path.exists(spec):
+        return spec, None
+    path, _, weight = spec.rpartition(":")
+    try:
+        w = float(weight)
+    except ValueError:
+        raise ValueError(f"--data {spec!r}: {weight!r} is not a weight (PATH:WEIGHT, WEIGHT a number >= 0); "
+                         f"and {spec!r} is not a path either") from None
+    if not (w >= 0 and math.isfinite(w)):
+        raise ValueError(f"--data {spec!r}: the weight must be a finite number >= 0, got {weight}")
+    return path, w
+
+
+def validate_args(a):
+    def need(ok, flag, allowed):
+        if not ok:
+            raise ValueError(f"{flag} {getattr(a, flag[2:].replace('-', '_'))!r}: {allowed}")
+    for flag in ("--steps", "--batch-size", "--grad-accum", "--log-every", "--save-every", "--demo-episodes"):
+        need(getattr(a, flag[2:].replace("-", "_")) >= 1, flag, "must be an integer >= 1")
+    need(a.eval_episodes >= 0 and a.num_workers >= 0 and a.warmup >= 0, "--warmup",
+         "--warmup, --eval-episodes and --num-workers must be >= 0")
+    need(a.lr > 0 and math.isfinite(a.lr), "--lr", "must be a finite number > 0")
+    need(0 <= a.end_lr_frac <= 1, "--end-lr-frac", "must be in [0, 1]")
+    need(a.clip > 0, "--clip", "must be > 0")
+    need(0 <= a.ema < 1, "--ema", "must be in [0, 1) (0 turns the EMA off)")
+    need(a.dropout is None or 0 <= a.dropout < 1, "--dropout", "must be in [0, 1)")
+    need(a.fast in (0, 1), "--fast", "must be 0 or 1")
+    need(a.knowledge_insulation in (0, 1), "--knowledge-insulation", "must be 0 or 1")
+    need(a.max_fast_tokens >= 2, "--max-fast-tokens", "must be >= 2 (the FAST tokens, then '|' and EOS)")
+    need(a.chunk is None or a.chunk >= 1, "--chunk", "must be >= 1")
+    need(a.stop_after is None or a.stop_after >= 1, "--stop-after", "must be >= 1")
+    need(set(filter(None, a.freeze.split(","))) <= {"vision", "llm"}, "--freeze", "a comma list of vision, llm")
+    need(set(filter(None, a.lora.split(","))) <= {"llm", "expert"}, "--lora", "a comma list of llm, expert")
+    ranks = a.lora_rank.split(",")
+    need(len(ranks) == 2 and all(r.isdigit() and int(r) > 0 for r in ranks), "--lora-rank",
+         "two positive integers, the ranks for llm,expert (e.g. 16,32)")
+    if not a.init:
+        models.preset(a.model, a.config)  # an unknown --config names the presets there are
+    weights = [parse_data_spec(s)[1] for s in a.data or []]
+    if any(w is not None for w in weights) and sum(w if w is not None else 1.0 for w in weights) <= 0:
+        raise ValueError(f"--data weights {weights}: at least one dataset needs a weight > 0")
+    if a.resume_allow:
+        unknown = set(a.resume_allow.replace("-", "_").split(",")) - set(RESUME_MUST_MATCH)
+        if unknown:
+            raise ValueError(f"--resume-allow: unknown knobs {sorted(unknown)} (checked on resume: "
+                             f"{', '.join(k.replace('_', '-') for k in RESUME_MUST_MATCH)})")
+
 
 # ---------------------------------------------------------------------------------------------
 # Distributed setup from torchrun's environment; rank 0 talks.
@@ -140,11 +198,12 @@ def open_datasets(a, cfg, rank, ddp):
             dist.barrier()
     datasets, roots, weights = [], [], []
     for spec in specs:
-        path, _, weight = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
+        path, weight = parse_data_spec(spec)
         roots.append(path)
         datasets.append(data.open_dataset(path, chunk_size=cfg.action_horizon))
-        weights.append(float(weight) if weight else None)
-    weights = None if all(w is None for w in weights) else [w or 1.0 for w in weights]
+        weights.append(weight)
+    # a weight of 0 stays 0 (that dataset is never drawn); datasets without one weigh 1
+    weights = None if all(w is None for w in weights) else [1.0 if w is None else w for w in weights]
     return datasets, roots, weights
 
 
@@ -188,13 +247,19 @@ def fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out):
 
 
 def fast_target_length(a, fast, datasets, transforms):
-    """Target slots for pi0.5's FAST tokens: the longest of a sample of chunks + "|" EOS, with
-    25% headroom, at most --max-fast-tokens. Padding every sample to the cap would triple the VLM's
-    sequence for nothing."""
-    ds, t = datasets[0], transforms[0]
-    rows = np.random.default_rng(a.seed).choice(len(ds), size=min(len(ds), 2000), replace=False)
-    chunks = data.normalize(ds.action_chunks(rows)[0], t.norm_stats["actions"], t.use_quantiles, "actions")
-    longest = max(len(fast.encode(c, clip=True)) for c in chunks) + 2
+    """Target slots for pi0.5's FAST tokens: the longest chunk of every dataset + "|" EOS, with
+    25% headroom, at most --max-fast-tokens (a longer chunk is then an error naming both). Every
+    chunk is measured, so no chunk met late in a long run can be longer than planned. Padding
+    every sample to the cap instead would triple the VLM's sequence for nothing."""
+    longest = 0
+    for ds, t in zip(datasets, transforms):
+        for start in range(0, len(ds), 4096):
+            rows = np.arange(start, min(len(ds), start + 4096))
+            chunks = data.normalize(ds.action_chunks(rows)[0], t.norm_stats["actions"], t.use_quantiles, "actions")
+            longest = max(longest, max(len(fast.encode(c, clip=True)) for c in chunks) + 2)
+    if longest > a.max_fast_tokens:
+        raise ValueError(f"the longest action chunk needs {longest} FAST target slots (its tokens, then '|' "
+                         f"and EOS), --max-fast-tokens is {a.max_fast_tokens}: raise it")
     return min(a.max_fast_tokens, int(math.ceil(longest * 1.25)))
 
 
@@ -424,8 +489,13 @@ def merged_state(model):
     return state
 
 
-def save_training_state(path, model, opt, ema, loader, step, run, a):
-    """Weights + everything needed to continue the exact same run, written atomically."""
+def save_training_state(ckpt_root, model, opt, ema, loader, step, run, a):
+    """Weights + everything needed to continue the exact same run, as ckpt_root/step_NNNNNNN.
+
+    Crash-safe: the directory is written complete (weights, config, train_state.pt) under a
+    temporary name, synced, and published by one rename; only then are older checkpoints
+    removed (renamed to *.deleting first, so a half-removed one is never taken for complete).
+    At any instant the newest complete checkpoint is under a step_* name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     state = full_state(model)
     opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -440,17 +510,54 @@ def save_training_state(path, model, opt, ema, loader, step, run, a):
     ema_full = None if ema is None else dict(zip(names, [full_tensor(e).cpu() for e in ema]))
     if run["rank"] != 0:
         return
-    models.save_pretrained(model, path, norm_stats=run["transforms"][0].norm_stats, extra_files=run["files"],
-                           state_dict=merged)
-    tmp = os.path.join(path, "train_state.pt.tmp")
+    os.makedirs(ckpt_root, exist_ok=True)
+    path = os.path.join(ckpt_root, f"step_{step:07d}")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    models.write_checkpoint(model, tmp, norm_stats=run["transforms"][0].norm_stats, extra_files=run["files"],
+                            state_dict=merged)
     torch.save({"step": step, "optimizer": opt_state, "rng": rngs, "data": loader.state_dict(),
-                "ema": ema_full, "args": vars(a), "weights": state}, tmp)
-    os.replace(tmp, os.path.join(path, "train_state.pt"))
+                "ema": ema_full, "args": vars(a), "weights": state}, os.path.join(tmp, "train_state.pt"))
+    models.crash_point("state-written")
+    models.publish(tmp, path)
+    for old in sorted(glob.glob(os.path.join(ckpt_root, "step_*"))):
+        if old != path and re.fullmatch(r"step_\d+", os.path.basename(old)):
+            os.replace(old, old + ".deleting")
+            models.crash_point("old-renamed")
+            shutil.rmtree(old + ".deleting")
+    for stale in glob.glob(os.path.join(ckpt_root, "*.tmp-*")) + glob.glob(os.path.join(ckpt_root, "*.deleting")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a crash: never complete, never needed
 
 
-def load_training_state(path, model, opt, ema, loader, rank):
+def latest_checkpoint(ckpt_root):
+    """The newest complete checkpoint directory under ckpt_root, or an error saying what is there."""
+    done = sorted(d for d in glob.glob(os.path.join(ckpt_root, "step_*"))
+                  if re.fullmatch(r"step_\d+", os.path.basename(d)))
+    if not done:
+        found = sorted(os.listdir(ckpt_root)) if os.path.isdir(ckpt_root) else []
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_root} (found: {found or 'nothing'})")
+    return done[-1]
+
+
+# What a resumed run must share with the run it continues: these change the math of the run.
+RESUME_MUST_MATCH = ("model", "config", "init", "data", "norm_stats", "tokenizer", "batch_size", "lr", "warmup",
+                     "end_lr_frac", "steps", "weight_decay", "b2", "clip", "ema", "dropout", "freeze", "lora",
+                     "lora_rank", "fast", "knowledge_insulation", "fast_tokenizer", "max_fast_tokens", "chunk", "seed")
+
+
+def check_resume_args(saved, a, path):
+    """A changed knob that shapes the run is an error naming old and new, unless --resume-allow."""
+    allowed = set(filter(None, a.resume_allow.replace("-", "_").split(",")))
+    changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {getattr(a, k)!r}" for k in RESUME_MUST_MATCH
+               if k not in allowed and saved.get(k) != getattr(a, k)]
+    if changed:
+        raise ValueError(f"--resume from {path}: " + "; ".join(changed)
+                         + " (pass --resume-allow NAME,... to continue with the change anyway)")
+
+
+def load_training_state(path, model, opt, ema, loader, rank, a):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+    check_resume_args(state["args"], a, path)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(model, state["weights"], options=options)
     # parameters that never had a gradient (e.g. an insulated VLM) have no AdamW state yet
@@ -531,9 +638,10 @@ def log_step(log, bar, step, lr, grad_norm, sums, a, ctx, dt):
 
 def main(a):
     t_start = time.time()
+    validate_args(a)
     ddp, rank, world, device = setup_distributed()
     out = a.out or os.path.join("runs", a.model)
-    ckpt_dir, final_dir = os.path.join(out, "checkpoint"), os.path.join(out, "final")
+    ckpt_dir, final_dir = os.path.join(out, "checkpoints"), os.path.join(out, "final")
     cfg, loader, transforms, datasets, fast, tok_path, terms = build_data(a, model_config(a), rank, world, ddp, out)
     model, raw, params = build_model(a, cfg, device, ddp)
     torch.manual_seed(a.seed + 1 + rank)  # from here on (dropout) each rank draws its own numbers
@@ -546,9 +654,11 @@ def main(a):
     fast_files = [] if fast is None else [a.fast_tokenizer if a.fast_tokenizer and os.path.isfile(a.fast_tokenizer)
                                           else os.path.join(out, "fast_tokenizer.json")]
     run = dict(rank=rank, world=world, transforms=transforms, files=[tok_path] + fast_files)
-    step = load_training_state(ckpt_dir, raw, opt, ema, loader, rank) if a.resume else 0
+    step = 0
     if a.resume:
-        print0(f"resumed from {ckpt_dir} at step {step}")
+        resume_from = latest_checkpoint(ckpt_dir)
+        step = load_training_state(resume_from, raw, opt, ema, loader, rank, a)
+        print0(f"resumed from {resume_from} at step {step}")
     print0(f"model {a.model} ({a.config}): {models.count_params(raw):,} params, {sum(p.numel() for p in params):,} "
            f"trained; {sum(len(d) for d in datasets):,} frames from {len(datasets)} dataset(s); world {world} x micro-batch "
            f"{a.batch_size // (world * a.grad_accum)} x accum {a.grad_accum} = batch {a.batch_size}; "

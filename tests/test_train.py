@@ -75,7 +75,7 @@ def test_grad_accumulation_equals_one_big_batch(dataset, tmp_path):
 
 def test_bf16_autocast_keeps_fp32_master_weights_and_optimizer_state(dataset, tmp_path):
     run(common(dataset, "pi0") + ["--precision", "bf16", "--steps", "2"], tmp_path / "bf16")
-    state = torch.load(tmp_path / "bf16" / "checkpoint" / "train_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "bf16" / "checkpoints" / "step_0000002" / "train_state.pt", weights_only=False)
     assert all(v.dtype == torch.float32 for v in state["weights"].values())
     opt = [t for s in state["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.ndim]
     assert opt and all(t.dtype == torch.float32 for t in opt)
