@@ -208,7 +208,7 @@ def test_episodes_of_different_widths_name_the_file(tmp_path):
         open_dataset(tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["hdf5", "info.json", "parquet"])
+@pytest.mark.parametrize("kind", ["hdf5", "info.json", "parquet", "video"])
 def test_corrupt_dataset_files_are_named(tmp_path, kind):
     if kind == "hdf5":
         (tmp_path / "e.hdf5").write_text("not hdf5")
@@ -219,6 +219,12 @@ def test_corrupt_dataset_files_are_named(tmp_path, kind):
         (tmp_path / "meta" / "info.json").write_text('{"codebase_version": "v2.1",')
         with pytest.raises(ValueError, match=r"info.json: not valid JSON"):
             open_dataset(tmp_path)
+    elif kind == "video":
+        pytest.importorskip("av")
+        from readers import decode_video_frame
+        (tmp_path / "x.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+        with pytest.raises(ValueError, match=r"x.mp4: cannot decode the frame at t=0.1000s"):
+            decode_video_frame(tmp_path / "x.mp4", 0.1)
     else:
         pytest.importorskip("pyarrow")
         from readers import _read_parquet
