@@ -178,18 +178,38 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 20
 
 
+def fill_random_(model, seed=0):
+    """Random weights for timing: each module's own reset_parameters, small normals elsewhere
+    (norm scales, SigLIP's position embedding)."""
+    torch.manual_seed(seed)
+    done = set()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+                done |= {id(p) for p in module.parameters(recurse=False)}
+        for p in model.parameters():
+            if id(p) not in done:
+                p.normal_(0, 0.02)
+    return model
+
+
+def weight_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def bench_setup(args):
-    """-> (model, a batch of random observations, settings, dtype), the settings printed."""
+    """-> (model, a batch of random observations, settings, dtype), the settings printed. The
+    weights are held in the serving dtype (paligemma.py's precision policy), allocated once."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    torch.manual_seed(0)
     if args.checkpoint:
-        model = models.load(args.checkpoint, device).eval()
+        model = models.load(args.checkpoint, device, dtype).eval()
     else:
         cfg = bench_config(args.model, args.config)
         cfg.cameras = tuple(f"cam{i}" for i in range(args.views))
         cfg.max_token_len = args.prompt_len
-        model = models.build(cfg).to(device).eval()
+        model = fill_random_(models.build_empty(cfg, dtype, device)).eval()
     cfg = model.cfg
     flow = models.model_file(cfg.model).FLOW
     settings = dict(model=cfg.model, config=args.checkpoint or args.config, device=str(device),
@@ -197,7 +217,7 @@ def bench_setup(args):
                     **({"steps": args.steps} if flow else {"decode_tokens": args.decode_tokens}),
                     views=len(cfg.cameras), prompt_len=cfg.max_token_len, chunk=cfg.action_horizon,
                     compile=args.compile, cuda_graph=args.cuda_graph, threads=torch.get_num_threads(),
-                    params=models.count_params(model))
+                    params=models.count_params(model), weights_mib=round(weight_bytes(model) / 2 ** 20, 1))
     print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
     B, V, R, L = args.batch, len(cfg.cameras), cfg.vision.image_size, cfg.max_token_len
     g = torch.Generator().manual_seed(0)
@@ -273,7 +293,7 @@ def bench(args):
     flops, weights = model.cost(B, P, args.steps)
     wbytes = {k: w * (2 if dtype == torch.bfloat16 else 4) for k, w in weights.items()}
     med = dict(zip(("vision", "prefix", "denoise"), np.median(times, 0)))
-    p50, peak = float(np.median(total)), peak_memory_mib(device)
+    p50, peak, resident = float(np.median(total)), peak_memory_mib(device), weight_bytes(model) / 2 ** 20
     print(f"first call (compile + warm-up): {first_ms:.0f} ms")
     print(f"latency: p50 {p50:.2f} ms  p90 {np.percentile(total, 90):.2f} ms  min {total.min():.2f} ms  "
           f"({args.iters} runs)")
@@ -282,11 +302,12 @@ def bench(args):
               f"{wbytes[k] / 1e6:8.1f} MB  {wbytes[k] / med[k] / 1e6:8.1f} GB/s")
     tflops, gbs = sum(flops.values()) / p50 / 1e9, sum(wbytes.values()) / p50 / 1e6
     print(f"total: {sum(flops.values()) / 1e9:.2f} GFLOP, {tflops:.3f} TFLOP/s; weights+KV read "
-          f"{sum(wbytes.values()) / 1e6:.1f} MB, {gbs:.1f} GB/s; peak memory {peak:.0f} MiB "
-          f"({'allocated' if device.type == 'cuda' else 'process RSS'})")
+          f"{sum(wbytes.values()) / 1e6:.1f} MB, {gbs:.1f} GB/s")
+    print(f"memory: weights resident {resident:.0f} MiB; peak {peak:.0f} MiB "
+          f"({'allocated' if device.type == 'cuda' else 'process RSS'}), {peak / resident:.2f}x the weights")
     result = dict(settings, p50_ms=p50, p90_ms=float(np.percentile(total, 90)), min_ms=float(total.min()),
                   vision_ms=float(med["vision"]), prefix_ms=float(med["prefix"]), denoise_ms=float(med["denoise"]),
-                  first_call_ms=first_ms, tflops=tflops, gbps=gbs, peak_mib=peak)
+                  first_call_ms=first_ms, tflops=tflops, gbps=gbs, peak_mib=peak, peak_over_weights=peak / resident)
     if args.compare_uncached:
         e, u = time_readable(model, batch, noise, args, sampler.autocast())
         print(f"no prefix cache (Pi0.velocity, full pass per step): p50 {u:.2f} ms; readable cached "

@@ -25,6 +25,7 @@ A checkpoint directory holds:
 import glob
 import importlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ import signal
 import numpy as np
 import torch
 
-from paligemma import count_params, load_state_strict
+from paligemma import count_params, fp32_param_names, load_state_strict
 
 MODELS = ("pi0", "pi05", "pi0_fast")  # each name is also its file
 
@@ -81,10 +82,58 @@ def read_config(path):
         raise ValueError(f"{where}: {e}") from None
 
 
-def load(path, device="cpu"):
-    """Rebuild any of our models from a checkpoint directory, weights loaded strictly."""
+def serving_dtypes(model, dtype):
+    """{parameter name: dtype} for serving in `dtype`: the precision policy's fp32 list stays fp32."""
+    keep = fp32_param_names(model)
+    return {name: torch.float32 if name in keep else dtype for name, _ in model.named_parameters()}
+
+
+def build_meta(cfg, dtype=torch.float32):
+    """The model on the meta device (no memory) and the dtype of each weight when served in
+    `dtype`. load_weights then gives it real tensors, or build_empty allocates them."""
+    with torch.device("meta"):
+        model = build(cfg)
+    return model, serving_dtypes(model, dtype)
+
+
+def build_empty(cfg, dtype=torch.float32, device="cpu"):
+    """A model whose weights are allocated once, directly in the serving dtypes, uninitialised
+    (fill them next): no fp32 copy of a bf16 model ever exists."""
+    model, dtypes = build_meta(cfg, dtype)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(dtypes[name])  # on meta: no memory
+    return model.to_empty(device=device)
+
+
+def load_weights(model, weights, dtypes, device):
+    """Tensors of a safetensors file, one at a time, each converted to its dtype as it is read
+    (the largest in row blocks of 2^24 elements): memory holds the result plus one block."""
+    from safetensors import safe_open
+    state = {}
+    with safe_open(weights, "pt", device="cpu") as f:
+        for name in f.keys():
+            dtype = dtypes.get(name, torch.float32)
+            part = f.get_slice(name)
+            shape = part.get_shape()
+            if not shape or shape[0] * max(1, math.prod(shape[1:])) <= 2 ** 24:
+                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                continue
+            out = torch.empty(shape, dtype=dtype, device=device)
+            rows = max(1, 2 ** 24 // max(1, math.prod(shape[1:])))
+            for r in range(0, shape[0], rows):
+                out[r:r + rows] = part[r:r + rows].to(dtype)
+            state[name] = out
+    load_state_strict(model, state, assign=True)
+    return model
+
+
+def load(path, device="cpu", dtype=None):
+    """Rebuild any of our models from a checkpoint directory, weights loaded strictly.
+
+    dtype None: as saved (fp32 masters, what training and the parity tests use). dtype
+    torch.bfloat16: the serving precision (paligemma.py's policy): every weight is converted
+    as it is read, so no fp32 copy of the model is ever resident."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
     path = str(path)
     if not os.path.isdir(path):
         aside = sorted(glob.glob(f"{path.rstrip('/')}.old-*"))
@@ -96,18 +145,17 @@ def load(path, device="cpu"):
     try:
         with safe_open(weights, "pt") as f:
             saved = (f.metadata() or {}).get("config")
-        state = load_file(weights, device=str(device))
+        if saved is not None:
+            now = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON lists, as saved
+            changed = {k: (v, now.get(k)) for k, v in json.loads(saved).items() if now.get(k) != v}
+            if changed:
+                raise ValueError(f"{path}/config.json differs from the config the weights were saved with: "
+                                 + ", ".join(f"{k} is {new!r}, was {old!r}" for k, (old, new) in changed.items())
+                                 + "; restore config.json")
+        model, dtypes = build_meta(cfg, dtype or torch.float32)
+        return load_weights(model, weights, dtypes, device)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
-    if saved is not None:
-        now = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON lists, as saved
-        changed = {k: (v, now.get(k)) for k, v in json.loads(saved).items() if now.get(k) != v}
-        if changed:
-            raise ValueError(f"{path}/config.json differs from the config the weights were saved with: " + ", ".join(
-                f"{k} is {new!r}, was {old!r}" for k, (old, new) in changed.items()) + "; restore config.json")
-    model = build(cfg)
-    load_state_strict(model, state)
-    return model.to(device)
 
 
 def prompt_tokenizer(cfg, sp):

@@ -19,13 +19,15 @@ Axis legend, shared by every file of the project (each file's docstring lists th
   W width, F MLP width, N query heads, K kv heads, G = N // K query heads per kv head,
   H head dim, E episodes, X frames (rows) of a dataset. Layers are spelled out: depth.
 
-Precision policy (the one place it is written down). Parameters are fp32 masters. On GPU the
-matmuls run in bf16 under torch.autocast. These always run in fp32, as in openpi's JAX code:
+Precision policy (the one place it is written down). Training keeps fp32 master weights; on GPU
+the matmuls run in bf16 under torch.autocast. These always run in fp32, as in openpi's JAX code:
   - RMSNorm / LayerNorm statistics and the (1 + scale) / shift multiply;
   - RoPE (angles and the rotation), attention logits and softmax;
   - the SigLIP patch embedding and position embedding;
   - the sin-cos time embedding and the action in/out projections (in pi0.py).
-On CPU the tests run everything in fp32 and match the JAX fixtures to ~1e-5.
+Serving in bf16 holds the weights in bf16 once (models.load(..., dtype=torch.bfloat16)), except
+the parameters of that fp32 list (`fp32_param_names`): then no call casts a weight. On CPU the
+tests run everything in fp32 and match the JAX fixtures to ~1e-5.
 """
 
 import math
@@ -137,8 +139,9 @@ class SigLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         num_patches = (cfg.image_size // cfg.patch) ** 2
-        self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
+        self.patch_embed = keep_fp32(nn.Conv2d(3, cfg.width, kernel_size=cfg.patch, stride=cfg.patch))
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches, cfg.width) / math.sqrt(cfg.width))
+        keep_fp32(self, "pos_embed")  # the stem runs in fp32 (forward)
         self.blocks = nn.ModuleList(SiglipBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         # the multimodal projector; image tokens are NOT scaled by sqrt(width) afterwards
@@ -160,6 +163,24 @@ class SigLIP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Gemma building blocks
 
+def keep_fp32(module, *names):
+    """Mark parameters of `module` that stay fp32 when the model is served in bf16 (they run
+    outside autocast, in fp32 arithmetic). Default: all of its direct parameters."""
+    module.fp32_params = names or tuple(n for n, _ in module.named_parameters(recurse=False))
+    return module
+
+
+def fp32_param_names(model):
+    """Names of the parameters the precision policy keeps in fp32: LayerNorm and RMSNorm scales
+    and whatever keep_fp32 marked (SigLIP's stem, the action projections)."""
+    out = set()
+    for prefix, module in model.named_modules():
+        names = module.fp32_params if hasattr(module, "fp32_params") else \
+            [n for n, _ in module.named_parameters(recurse=False)] if isinstance(module, nn.LayerNorm) else []
+        out |= {f"{prefix}.{n}" if prefix else n for n in names}
+    return out
+
+
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm, plain or adaptive, in two steps: modulation(cond), then forward(x, mod).
 
@@ -176,6 +197,7 @@ class RMSNorm(nn.Module):
         self.adaptive = cond_width is not None
         if not self.adaptive:
             self.scale = nn.Parameter(torch.zeros(width))
+            keep_fp32(self, "scale")  # used as 1 + scale.float(): fp32 arithmetic
         else:
             self.dense = nn.Linear(cond_width, 3 * width)
             nn.init.zeros_(self.dense.weight)  # zero init: starts as a plain norm with gate 0
@@ -449,8 +471,9 @@ def upgrade_state_dict(state):
     return {rename(k): v for k, v in state.items()}
 
 
-def load_state_strict(model, state):
-    """Load a state dict, naming every missing, unexpected or misshapen tensor (no silent init)."""
+def load_state_strict(model, state, assign=False):
+    """Load a state dict, naming every missing, unexpected or misshapen tensor (no silent init).
+    assign=True: the model takes the given tensors (and their dtypes) instead of copying them."""
     state = upgrade_state_dict(state)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -462,7 +485,7 @@ def load_state_strict(model, state):
                          + "".join(f"  missing: {k}\n" for k in missing)
                          + "".join(f"  unexpected: {k}\n" for k in unexpected)
                          + "".join(f"  shape: {s}\n" for s in shapes))
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paligemma import (GEMMA_PRESETS, PALIGEMMA_VOCAB_SIZE, SIGLIP_PRESETS, Gemma, GemmaConfig,
-                       KVCache, SigLIP, SiglipConfig, count_params, make_attn_mask, make_positions,
+                       KVCache, SigLIP, SiglipConfig, count_params, keep_fp32, make_attn_mask, make_positions,
                        transformer_flops, vision_flops)
 
 
@@ -136,8 +136,8 @@ class Pi0(nn.Module):
         W = cfg.expert.width
         self.vision = SigLIP(cfg.vision, out_width=cfg.llm.width)
         self.llm = Gemma([cfg.llm, cfg.expert], cfg.vocab_size, cond_widths=self.cond_widths())
-        self.action_in_proj = nn.Linear(cfg.action_dim, W)
-        self.action_out_proj = nn.Linear(W, cfg.action_dim)
+        self.action_in_proj = keep_fp32(nn.Linear(cfg.action_dim, W))  # fp32 even when served in bf16
+        self.action_out_proj = keep_fp32(nn.Linear(W, cfg.action_dim))
         self.build_time_conditioning()
 
     # pi0.5 (pi05.py) overrides the four methods below: that is the whole architectural diff.

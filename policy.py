@@ -40,9 +40,15 @@ class Policy:
     def __init__(self, path, device="cpu", num_steps=10, fast=False, compile_mode=None,
                  cuda_graph=False, dtype=None):
         """fast=True samples with FastSampler (pi0 / pi0.5; same actions to ~1e-6), with optional
-        torch.compile mode and CUDA graph; dtype None = bf16 on CUDA, fp32 on CPU (fast only)."""
+        torch.compile mode and CUDA graph. dtype: the serving precision, None = bf16 on CUDA and
+        fp32 on CPU. In bf16 the weights are loaded straight into bf16 once (the precision
+        policy's fp32 parameters aside) and the matmuls run in bf16: no fp32 copy, no per-call
+        weight casts."""
         self.path, self.device, self.num_steps = str(path), torch.device(device), num_steps
-        self.model = models.load(self.path, self.device).eval()
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        low = self.dtype != torch.float32
+        self.model = models.load(self.path, self.device, self.dtype if low else None).eval()
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=self.dtype, enabled=low)
         cfg = self.model.cfg
         flow = models.model_file(cfg.model).FLOW
         if not flow:  # pi0-FAST: greedy tokens, then the FAST tokenizer reads them back
@@ -50,10 +56,9 @@ class Policy:
             self.fast = FASTTokenizer.load(os.path.join(self.path, "fast_tokenizer.json"))
             self.sample = self.sample_fast
         elif fast:
-            dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-            self.sample = FastSampler(self.model, num_steps, dtype, compile_mode, cuda_graph)
+            self.sample = FastSampler(self.model, num_steps, self.dtype, compile_mode, cuda_graph)
         else:
-            self.sample = lambda batch, noise: self.model.sample_actions(batch, noise=noise, num_steps=num_steps)
+            self.sample = self.sample_readable
         with open(os.path.join(self.path, "policy.json")) as f:
             self.settings = json.load(f)
         self.sp = models.load_sentencepiece(os.path.join(self.path, "tokenizer.model"))
@@ -66,13 +71,19 @@ class Policy:
             image_size=cfg.vision.image_size)
         self.valid = None  # pi0-FAST: per example, whether the answer decoded to a real chunk
 
+    def sample_readable(self, batch, noise=None):
+        """pi0 / pi0.5: the model's own sample_actions (pi0.py), in the serving precision."""
+        with self.autocast():
+            return self.model.sample_actions(batch, noise=noise, num_steps=self.num_steps)
+
     def sample_fast(self, batch, noise=None):
         """pi0-FAST: greedy tokens -> action chunks. An answer that does not decode is flagged in
         self.valid (returned with the actions, and a warning on every call that has one), never
         silently turned into zeros for the robot."""
         from pi0_fast import extract_actions
         cfg = self.model.cfg
-        tokens = self.model.sample_tokens(batch).cpu().numpy()
+        with self.autocast():
+            tokens = self.model.sample_tokens(batch).cpu().numpy()
         out = [extract_actions(self.sp, self.fast, t, cfg.action_horizon, cfg.action_dim, cfg.vocab_size)
                for t in tokens]
         self.valid = np.array([v for _, v in out])
