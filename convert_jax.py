@@ -39,7 +39,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from paligemma import GemmaConfig, SiglipConfig
-from models import MODELS, model_file, save_pretrained
+from models import MODELS, build_meta, model_file, save_pretrained
 
 # -- reshapes: each takes one openpi array (one layer's slice for scanned weights) ---------------
 linear = lambda x: x.T                                            # Dense [in, out] -> [out, in]
@@ -204,7 +204,7 @@ def config_from_shapes(shapes, name, action_horizon=None, max_token_len=None, ca
                                       image_size=math.isqrt(P) * p,
                                       mlp_dim=need(f"{blk}/MlpBlock_0/Dense_0/kernel")[-1]),
                   llm=gemma(""), vocab_size=need("PaliGemma/llm/embedder/input_embedding")[0])
-    if name != "pi0_fast":  # the flow models know their action width from action_in_proj
+    if model_file(name).FLOW:  # the flow models know their action width from action_in_proj
         kwargs["expert"] = gemma("_1")
         stored = need("action_in_proj/kernel")[0]
         if action_dim not in (None, stored):
@@ -219,6 +219,7 @@ def openpi_shapes(cfg):
     """{openpi path: shape} that openpi writes for one of our configs: the inverse of the two
     functions above, used to fake full-size checkpoints (selftest-full)."""
     v, img, blk = cfg.vision, "PaliGemma/img", "PaliGemma/img/Transformer/encoderblock"
+    model, _ = build_meta(cfg)  # the structure (which norms adapt, which projections), no memory
     a, L, W, N, F = f"{blk}/MultiHeadDotProductAttention_0", v.depth, v.width, v.num_heads, v.mlp_dim
     dense = lambda name, kernel, bias, lead=(): {f"{name}/kernel": (*lead, *kernel),
                                                  f"{name}/bias": (*lead, *bias)}
@@ -243,17 +244,13 @@ def openpi_shapes(cfg):
                    f"{layers}/mlp{s}/gating_einsum": (L, 2, W, F), f"{layers}/mlp{s}/linear": (L, F, W)}
         for norm, lead in ((f"{layers}/pre_attention_norm{s}", (L,)),
                            (f"{layers}/pre_ffw_norm{s}", (L,)), (f"PaliGemma/llm/final_norm{s}", ())):
-            if e == 1 and cfg.model == "pi05":  # adaRMS: Dense(time cond) -> scale, shift, gate
+            if model.llm.final_norms[e].adaptive:  # adaRMS: Dense(time cond) -> scale, shift, gate
                 shapes |= dense(f"{norm}/Dense_0", (W, 3 * W), (3 * W,), lead)
             else:
                 shapes[f"{norm}/scale"] = (*lead, W)
-    if hasattr(cfg, "expert"):  # the flow models' top-level projections
-        A, W = cfg.action_dim, cfg.expert.width
-        top = {"action_in_proj": (A, W), "action_out_proj": (W, A)}
-        top |= ({"time_mlp_in": (W, W), "time_mlp_out": (W, W)} if cfg.model == "pi05" else
-                {"state_proj": (A, W), "action_time_mlp_in": (2 * W, W), "action_time_mlp_out": (W, W)})
-        for name, (i, o) in top.items():
-            shapes |= dense(name, (i, o), (o,))
+    for name, module in model.named_children():  # the flow models' top-level projections
+        if isinstance(module, nn.Linear):
+            shapes |= dense(name, (module.in_features, module.out_features), (module.out_features,))
     return shapes
 
 
