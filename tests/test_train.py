@@ -151,3 +151,18 @@ def test_readme_main_command_shortened(model, tmp_path):
     res = subprocess.run(cmd + ["--out", "runs/again", "--eval-episodes", "0"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0 and "expert success" not in res.stdout, res.stderr[-2000:]
+
+
+def test_initial_weights_do_not_depend_on_what_ran_before():
+    """The model is seeded right before it is built: generating the built-in demos in the same
+    process (which draws from torch's generator) no longer changes the initial weights, so a
+    fresh clone trains exactly what a run with cached demos trains."""
+    sys.path.insert(0, ROOT)
+    import models
+    import train
+    a = train.p.parse_args(["--model", "pi05"])
+    cfg = models.preset("pi05", "tiny")
+    first = train.build_model(a, cfg, torch.device("cpu"), False)[1].state_dict()
+    torch.rand(1000)  # what sim.py's demo generation does to the global generator
+    second = train.build_model(a, cfg, torch.device("cpu"), False)[1].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
