@@ -335,6 +335,22 @@ def fast_to_paligemma(ids, fast_vocab_size=2048, vocab_size=PALIGEMMA_VOCAB_SIZE
     return vocab_size - 1 - NUM_SKIPPED - x
 
 
+def fast_vocab_room(vocab_size, text_pieces, wanted=1024):
+    """How many FAST ids a fitted tokenizer may use inside a model vocabulary of `vocab_size`
+    whose prompt tokenizer has `text_pieces` pieces. FAST ids count down from the top, below the
+    128 <seg> tokens. When the tokenizer fills the vocabulary (PaliGemma's 257152 pieces end in
+    1024 <loc> and 128 <seg> tokens that prompts never use), they take the <loc> tokens, as
+    openpi's do; a smaller tokenizer (tests, the built-in task) keeps every one of its pieces."""
+    if text_pieces >= vocab_size - NUM_SKIPPED:  # the tokenizer spans the model vocabulary
+        room = 1024  # the <loc> tokens (openpi's 2048-token universal tokenizer goes further down)
+    else:
+        room = vocab_size - NUM_SKIPPED - 1 - text_pieces
+    if room < 2:
+        raise ValueError(f"a model vocabulary of {vocab_size} leaves no room for FAST ids above the tokenizer's "
+                         f"{text_pieces} pieces and below the {NUM_SKIPPED} skipped ones")
+    return min(wanted, room)
+
+
 def paligemma_to_fast(pg_ids, fast_vocab_size=2048, vocab_size=PALIGEMMA_VOCAB_SIZE):
     """Inverse of `fast_to_paligemma`. Raises on a PaliGemma id outside the FAST range."""
     x = pg_ids if hasattr(pg_ids, "shape") else np.asarray(pg_ids)

@@ -225,7 +225,7 @@ def make_transforms(a, cfg, datasets, roots, sp, targets=None):
 
 def fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out):
     """The FAST tokenizer for pi0.5's discrete targets: given, or fitted on normalized chunks."""
-    from fast_tokenizer import FASTTokenizer
+    from fast_tokenizer import FASTTokenizer, fast_vocab_room
     if a.fast_tokenizer:
         return FASTTokenizer.load(a.fast_tokenizer)
     path = os.path.join(out, "fast_tokenizer.json")
@@ -235,8 +235,8 @@ def fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out):
         rows = rng.choice(len(ds), size=min(len(ds), 4000), replace=False)
         chunks, _ = ds.action_chunks(rows)
         chunks = data.normalize(chunks, t.norm_stats["actions"], t.use_quantiles, "actions")
-        # FAST ids land at the top of the vocabulary: keep clear of the real text pieces
-        vocab = min(1024, cfg.vocab_size - 129 - sp.vocab_size())
+        # FAST ids land at the top of the vocabulary, clear of the text the prompts use
+        vocab = fast_vocab_room(cfg.vocab_size, sp.vocab_size())
         os.makedirs(out, exist_ok=True)
         FASTTokenizer.fit(chunks, vocab_size=vocab, progress=False).save(path)
     if ddp:
@@ -451,12 +451,13 @@ def update_ema(ema, model, decay):
             e.lerp_(p_.detach().float(), 1 - decay)
 
 
-def estimate_mfu(model, cfg, batch, step_s):
+def estimate_mfu(model, cfg, batch, step_s, flops_peak=None):
     """Model FLOPs utilization: 3x the forward FLOPs of one training pass (the model's own cost
-    model, attention included) per sample, against the GPU's dense bf16 peak."""
-    peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "4090": 165e12, "L40": 181e12}
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    flops_peak = next((v for k, v in peak.items() if k in name), None)
+    model, attention included) per sample, against the GPU's dense bf16 peak (from its name)."""
+    if flops_peak is None:
+        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "4090": 165e12, "L40": 181e12}
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        flops_peak = next((v for k, v in peak.items() if k in name), None)
     if flops_peak is None:
         return float("nan")
     P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len

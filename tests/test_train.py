@@ -166,3 +166,28 @@ def test_initial_weights_do_not_depend_on_what_ran_before():
     torch.rand(1000)  # what sim.py's demo generation does to the global generator
     second = train.build_model(a, cfg, torch.device("cpu"), False)[1].state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_fast_vocabulary_is_placed_as_openpi_places_it():
+    """With PaliGemma's own 257152-piece tokenizer the fitted FAST ids take the 1024 <loc>
+    tokens (it was 257152 - 129 - 257152 = -129, an error); a small tokenizer keeps its pieces."""
+    from fast_tokenizer import fast_to_paligemma, fast_vocab_room
+    room = fast_vocab_room(257152, 257152)
+    assert room == 1024
+    ids = fast_to_paligemma(np.arange(room), room, 257152)
+    assert ids.max() == 257152 - 129 and ids.min() == 256000  # <loc1023> .. <loc0000>
+    assert fast_vocab_room(1024, 512) == 383 and fast_vocab_room(1024, 512, wanted=100) == 100
+    assert fast_to_paligemma(np.arange(383), 383, 1024).min() >= 512  # above every text piece (0..511)
+    with pytest.raises(ValueError, match="leaves no room"):
+        fast_vocab_room(600, 512)
+
+
+@pytest.mark.parametrize("name", ["pi0", "pi05", "pi0_fast"])
+def test_mfu_estimate_runs_for_every_model(name):
+    sys.path.insert(0, ROOT)
+    import models
+    import train
+    with torch.device("meta"):
+        model = models.build(models.preset(name, "full"))
+    mfu = train.estimate_mfu(model, model.cfg, batch=32, step_s=1.0, flops_peak=989e12)
+    assert 0.01 < mfu < 1.0, mfu  # about 3.3-4.7 TFLOP per sample at openpi's sizes
