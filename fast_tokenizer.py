@@ -341,7 +341,7 @@ def fast_vocab_room(vocab_size, text_pieces, wanted=1024):
     128 <seg> tokens. When the tokenizer fills the vocabulary (PaliGemma's 257152 pieces end in
     1024 <loc> and 128 <seg> tokens that prompts never use), they take the <loc> tokens, as
     openpi's do; a smaller tokenizer (tests, the built-in task) keeps every one of its pieces."""
-    if text_pieces >= vocab_size - NUM_SKIPPED:  # the tokenizer spans the model vocabulary
+    if text_pieces == vocab_size == PALIGEMMA_VOCAB_SIZE:  # PaliGemma's tokenizer spans the vocabulary
         room = 1024  # the <loc> tokens (openpi's 2048-token universal tokenizer goes further down)
     else:
         room = vocab_size - NUM_SKIPPED - 1 - text_pieces
