@@ -170,20 +170,35 @@ def to_observation(msg, cameras):
 def request_noise(msg, policy):
     """Optional determinism: a request's "noise" (C, A_model) float, or an int "seed" that draws it
     with numpy's default_rng(seed).standard_normal; neither: fresh torch noise."""
+    cfg = policy.model.cfg
+    shape = (cfg.action_horizon, cfg.action_dim)
     if "noise" in msg:
-        return np.array(msg["noise"], np.float32)  # a writable copy of the zero-copy buffer
+        noise = np.array(msg["noise"], np.float32)  # a writable copy of the zero-copy buffer
+        if noise.shape != shape or not np.isfinite(noise).all():
+            raise ValueError(f"request 'noise' has shape {noise.shape}{'' if np.isfinite(noise).all() else ' and NaN/inf'}"
+                             f": expected finite float (action_horizon, model action_dim) = {shape}")
+        return noise
     if "seed" in msg:
-        cfg = policy.model.cfg
-        return np.random.default_rng(int(msg["seed"])).standard_normal(
-            (cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+        return np.random.default_rng(int(msg["seed"])).standard_normal(shape).astype(np.float32)
     return None
 
 
-def make_server(policy, host="0.0.0.0", port=8000, metadata=None):
+def server_metadata(policy):
+    """The metadata frame a client gets on connect: what the checkpoint serves, plus policy.json's
+    own "metadata" (e.g. a robot's reset pose)."""
+    cfg = policy.model.cfg
+    return {"model": cfg.model, "action_horizon": cfg.action_horizon, "action_dim": policy.settings["action_dim"],
+            "cameras": [c for c in policy.settings["cameras"] if c is not None], "dtype": str(policy.dtype).split(".")[-1],
+            **policy.settings.get("metadata", {})}
+
+
+def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb=16):
     """An asyncio websockets server (start it with `async with` or `await`): openpi's
     WebsocketPolicyServer. One metadata frame on connect, then msgpack request -> msgpack reply
     with "server_timing"; an error sends the traceback as a text frame and closes that
-    connection with 1011 (the server keeps serving), as openpi does."""
+    connection with 1011 (the server keeps serving), as openpi does. A request larger than
+    max_message_mb is refused by the websocket layer (close code 1009, "message too big").
+    metadata: what the connect frame carries (default: server_metadata(policy))."""
     import asyncio
     import http
     import traceback
@@ -243,7 +258,10 @@ def make_server(policy, host="0.0.0.0", port=8000, metadata=None):
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         return None
 
-    return serve(handler, host, port, compression=None, max_size=None, process_request=health)
+    if metadata is None:
+        metadata = server_metadata(policy)
+    return serve(handler, host, port, compression=None, max_size=int(max_message_mb * 2 ** 20),
+                 process_request=health)
 
 
 def serve_forever(args):
@@ -252,10 +270,9 @@ def serve_forever(args):
     policy = Policy(args.checkpoint, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                     num_steps=args.steps, fast=True, compile_mode=args.compile, cuda_graph=args.cuda_graph,
                     dtype=dtype)
-    metadata = policy.settings.get("metadata", {})
 
     async def main():
-        async with make_server(policy, args.host, args.port, metadata) as server:
+        async with make_server(policy, args.host, args.port, max_message_mb=args.max_message_mb) as server:
             print(f"serving {args.checkpoint} on ws://{args.host}:{args.port} (GET /healthz)")
             await server.serve_forever()
 
@@ -307,6 +324,8 @@ if __name__ == "__main__":
     s.add_argument("--device", help="default: cuda if available, else cpu")
     s.add_argument("--compile", default=None, help='torch.compile mode ("default", "max-autotune", ...)')
     s.add_argument("--cuda-graph", action="store_true", help="one CUDA graph over the denoising loop")
+    s.add_argument("--max-message-mb", type=float, default=16,
+                   help="largest request accepted (MiB); larger ones close the connection with 1009")
     pl = sub.add_parser("plot", help="predicted vs recorded action chunks, per dimension")
     pl.add_argument("--checkpoint", required=True, help="checkpoint directory")
     pl.add_argument("--data", required=True, help="dataset (LeRobot dir or HDF5 file / dir)")

@@ -108,3 +108,73 @@ def test_serve_errors_then_serves_next_client(server):
     assert out["actions"].shape == (6, 7) and np.isfinite(out["actions"]).all()
 
 
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan_state", "state has NaN or inf"),
+    ("float_image_out_of_range", "image 'image' is float32 with values in [255, 255]"),
+    ("uint16_image", "image 'image' has dtype uint16"),
+    ("bad_noise", "request 'noise' has shape (3, 3): expected finite float"),
+])
+def test_every_bad_request_gets_an_error_frame_and_the_next_is_served(server, case, message):
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+    _, port = server
+    obs = libero_obs(np.random.default_rng(3))
+    if case == "nan_state":
+        obs["observation/state"] = np.full(8, np.nan, np.float32)
+    elif case == "float_image_out_of_range":
+        obs["observation/image"] = np.full((64, 64, 3), 255.0, np.float32)
+    elif case == "uint16_image":
+        obs["observation/image"] = np.zeros((64, 64, 3), np.uint16)
+    else:
+        obs["noise"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(RuntimeError) as e:
+        WebsocketClientPolicy("127.0.0.1", port).infer(obs)
+    assert message in str(e.value)
+    out = WebsocketClientPolicy("127.0.0.1", port).infer(libero_obs(np.random.default_rng(4)))
+    assert out["actions"].shape == (6, 7) and np.isfinite(out["actions"]).all()
+
+
+def test_float_images_in_unit_range_are_served_as_openpi_does(server):
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+    policy, port = server
+    obs = libero_obs(np.random.default_rng(5))
+    as_float = dict(obs, **{k: obs[k].astype(np.float32) / 255 for k in ("observation/image", "observation/wrist_image")},
+                    noise=np.zeros((6, 8), np.float32))
+    as_uint8 = dict(obs, noise=np.zeros((6, 8), np.float32))
+    client = WebsocketClientPolicy("127.0.0.1", port)
+    a, b = client.infer(as_float)["actions"], client.infer(as_uint8)["actions"]
+    np.testing.assert_allclose(a, b, atol=0.02)  # 255 * (x / 255) truncates to x or x - 1
+
+
+def test_oversized_request_is_refused_and_metadata_describes_the_checkpoint(tmp_path):
+    import websockets.exceptions
+    import websockets.sync.client
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt)
+    policy = policy_mod.Policy(ckpt, fast=True)
+    meta = policy_mod.server_metadata(policy)
+    assert meta == {"model": "pi0", "action_horizon": 6, "action_dim": 7, "cameras": ["image", "wrist_image"],
+                    "dtype": "float32"}
+    loop, ready, box = asyncio.new_event_loop(), threading.Event(), {}
+
+    async def main():
+        async with policy_mod.make_server(policy, "127.0.0.1", 0, max_message_mb=0.5) as srv:
+            box["server"], box["port"] = srv, srv.sockets[0].getsockname()[1]
+            ready.set()
+            await srv.wait_closed()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    try:
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{box['port']}", max_size=None) as ws:
+            import msgpack
+            assert msgpack.unpackb(ws.recv()) == meta  # the metadata frame
+            ws.send(b"x" * (1 << 20))
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as e:
+                ws.recv()
+            assert e.value.rcvd.code == 1009  # message too big
+    finally:
+        loop.call_soon_threadsafe(box["server"].close)
+        thread.join(10)
