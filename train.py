@@ -82,6 +82,7 @@ p.add_argument("--seed", type=int, default=0, help="seed of the data stream, noi
 p.add_argument("--eval-episodes", type=int, default=100, help="closed-loop episodes at the end (built-in task)")
 p.add_argument("--demo-episodes", type=int, default=3000, help="built-in task: demonstrations to generate")
 p.add_argument("--stop-after", type=int, default=None, help="exit after this step (to test --resume)")
+p.add_argument("--wandb", default=None, help="log to Weights & Biases under this project name (pip install wandb)")
 args = p.parse_args() if __name__ == "__main__" else None
 
 import data  # noqa: E402  (after argparse so --help is instant)
@@ -634,7 +635,49 @@ def log_step(log, bar, step, lr, grad_norm, sums, a, ctx, dt):
         log.flush()
         from tqdm import tqdm
         (tqdm.write if not bar.disable else print0)(" ".join(f"{k} {v}" for k, v in rec.items()))
+        if ctx.get("wandb"):
+            ctx["wandb"].log(rec, step=step)
     return last
+
+
+def start_wandb(a, out):
+    """Weights & Biases logging, as openpi, LeRobot and OpenTau do (WANDB_MODE=offline works with
+    no network: the run is synced later with `wandb sync`)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project=a.wandb, config=vars(a), dir=out, name=os.path.basename(os.path.abspath(out)))
+
+
+def plot_losses(log_path, png_path, width=640, height=360):
+    """The run's loss curves from log.jsonl (every term, log scale) as a PNG, with pillow only."""
+    from PIL import Image, ImageDraw
+    recs = [json.loads(line) for line in open(log_path)]
+    terms = [k for k in ("loss", "flow", "ce") if any(k in r for r in recs)]
+    vals = [r[k] for r in recs for k in terms if r.get(k, 0) > 0]
+    if len(recs) < 2 or not vals:
+        return None
+    lo, hi = math.log10(min(vals)), math.log10(max(vals)) + 1e-9
+    s0, s1 = recs[0]["step"], recs[-1]["step"]
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    pad = 40
+    xy = lambda s, v: (pad + (s - s0) / max(1, s1 - s0) * (width - 2 * pad),
+                       height - pad - (math.log10(v) - lo) / (hi - lo) * (height - 2 * pad))
+    draw.rectangle([pad, pad, width - pad, height - pad], outline=(180, 180, 180))
+    colours = {"loss": (0, 0, 0), "flow": (31, 119, 180), "ce": (214, 39, 40)}
+    for i, k in enumerate(terms):
+        pts = [xy(r["step"], r[k]) for r in recs if r.get(k, 0) > 0]
+        if len(pts) > 1:
+            draw.line(pts, fill=colours[k], width=2)
+        draw.text((pad + 70 * i, 10), k, fill=colours[k])
+    draw.text((pad, height - pad + 8), f"step {s0}", fill="black")
+    draw.text((width - pad - 70, height - pad + 8), f"step {s1}", fill="black")
+    draw.text((2, pad), f"{10 ** hi:.3g}", fill="black")
+    draw.text((2, height - pad - 12), f"{10 ** lo:.3g}", fill="black")
+    img.save(png_path)
+    return png_path
 
 
 def main(a):
@@ -666,6 +709,7 @@ def main(a):
            f"precision {precision}; device {device}")
     os.makedirs(out, exist_ok=True)
     log = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
+    ctx["wandb"] = start_wandb(a, out) if a.wandb and rank == 0 else None
     batches, flow = iter(loader), models.model_file(cfg.model).FLOW
     t0, first_loss, last = time.perf_counter(), None, {}
     from tqdm import tqdm
@@ -696,6 +740,13 @@ def main(a):
             print0(f"stopping after step {step} as asked (--stop-after)")
             break
     bar.close()
+    if log:
+        log.close()
+        png = plot_losses(os.path.join(out, "log.jsonl"), os.path.join(out, "loss.png"))
+        if png:
+            print0(f"loss curves: {png}")
+        if ctx["wandb"]:
+            ctx["wandb"].finish()
     if step == a.steps:
         export(final_dir, raw, ema, run, datasets[0])
         print0(f"loss {first_loss} -> {last.get('loss')}; exported {final_dir} (EMA weights)")

@@ -273,3 +273,9 @@ def test_undecodable_chunks_are_counted_by_the_evaluation():
     r = sim.evaluate(HalfDecodes(chunk_size=6), "builtin", 3, progress=False)
     assert r["undecoded_chunks"] >= 1 and r["episodes_with_undecoded"] >= 1
     assert sum(x["undecoded_chunks"] for x in r["results"]) == r["undecoded_chunks"]
+
+
+def test_wandb_without_the_package_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install wandb"):
+        train.start_wandb(train.p.parse_args(["--wandb", "proj"]), "/tmp")

@@ -63,6 +63,8 @@ def test_two_processes_equal_one_and_resume_is_exact(dataset, tmp_path):
 def test_grad_accumulation_equals_one_big_batch(dataset, tmp_path):
     one = run(common(dataset, "pi0"), tmp_path / "one")
     acc = run(common(dataset, "pi0") + ["--grad-accum", "2"], tmp_path / "acc")
+    from PIL import Image  # every run ends with its loss curves
+    assert Image.open(tmp_path / "one" / "loss.png").size == (640, 360)
     np.testing.assert_allclose([r["loss"] for r in acc], [r["loss"] for r in one], rtol=2e-5, atol=2e-6)
     # the exported checkpoint plots its predictions against the recorded chunks
     res = subprocess.run([sys.executable, "policy.py", "plot", "--checkpoint", str(tmp_path / "one" / "final"),
