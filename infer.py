@@ -117,6 +117,19 @@ class FastSampler:
             x = x + self.dt * self.model.velocity_from(out)  # (B, C, A), fp32
         return x
 
+    def denoise_guided(self, x, rtc):
+        """The Euler loop with real-time chunking's guidance (pi0.RTCGuidance), eager: each step
+        runs autograd through the expert, on its own copy of the cached prefix."""
+        kept = self.cache.length
+        for i, t in enumerate(self.times):
+            def velocity(x_, i=i):
+                cache = self.cache.prefix(kept, self.cfg.action_horizon, detach=True)
+                _, out = self.model.llm([None, self.embed_actions(x_, i)], self.act_positions, self.act_mask,
+                                        mods=self.mods[i], cache=cache)
+                return self.model.velocity_from(out)
+            x = x + self.dt * rtc.guided_velocity(velocity, x, t)
+        return x
+
     def denoise_graphed(self, x):
         """Replay one CUDA graph of the whole loop (captured on first use per batch shape)."""
         if self.graph is None:
@@ -138,13 +151,16 @@ class FastSampler:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     @torch.no_grad()
-    def __call__(self, batch, noise=None):
-        """batch as for model.sample_actions -> (B, C, A) normalized actions, fp32."""
+    def __call__(self, batch, noise=None, rtc=None):
+        """batch as for model.sample_actions -> (B, C, A) normalized actions, fp32. rtc: real-time
+        chunking's guidance (pi0.RTCGuidance), or None."""
         B = batch["state"].shape[0]
         shape = (B, self.cfg.action_horizon, self.cfg.action_dim)
         x = torch.randn(shape, device=self.device) if noise is None else noise.float()
         with self.autocast():
             self.prepare(batch, self.vision_fn(batch["images"]))
+            if rtc is not None:
+                return self.denoise_guided(x, rtc)
             return self.denoise_graphed(x) if self.cuda_graph else self.denoise_fn(x)
 
 

@@ -303,10 +303,11 @@ class Pi0(nn.Module):
         return flops, weights
 
     @torch.no_grad()
-    def sample_actions(self, batch, noise=None, num_steps=10):
+    def sample_actions(self, batch, noise=None, num_steps=10, rtc=None):
         """Integrate the velocity from noise (t = 1) to actions (t = 0): (B, C, A), normalized.
 
-        The loop runs over Python floats, so no step waits on the device.
+        The loop runs over Python floats, so no step waits on the device. rtc: real-time
+        chunking's guidance toward the actions already committed (RTCGuidance), or None.
         """
         B = batch["state"].shape[0]
         device = batch["state"].device
@@ -316,9 +317,69 @@ class Pi0(nn.Module):
         times, dt = euler_times(num_steps)
         for t in times:
             t_batch = torch.full((B,), t, dtype=torch.float32, device=device)
-            v = self.denoise_step(batch["state"], prefix_mask, cache, x, t_batch)
+            if rtc is None:
+                v = self.denoise_step(batch["state"], prefix_mask, cache, x, t_batch)
+            else:  # each guided step gets its own copy of the prefix cache: autograd runs through it
+                step = lambda x_: self.denoise_step(batch["state"], prefix_mask, cache.prefix(cache.length,
+                                                    1 + self.cfg.action_horizon, detach=True), x_, t_batch)
+                v = rtc.guided_velocity(step, x, t)
             x = x + dt * v
         return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-time chunking, inference-time (Black, Galliker, Levine 2025, arXiv 2506.07339)
+#
+# The robot keeps executing the previous chunk while this one is computed. With a delay of d
+# control steps and an execution horizon s (actions of the previous chunk consumed when this
+# inference started), the previous chunk's leftover Y = prev[s:] lines up with this chunk's
+# first C - s steps. RTC guides every Euler step toward Y, weighted by a soft mask W (1 on the
+# d frozen steps, decaying over the rest of the overlap, 0 after), as inpainting with a flow
+# (Pokle et al.'s PiGDM). In openpi's convention (t = 1 noise, t = 0 data):
+#   A_hat = x - t v(x)                       the one-step clean estimate
+#   g     = (dA_hat/dx)^T [W * (Y - A_hat)]  one vector-Jacobian product through the expert
+#   v_g   = v - min(beta, (t^2 + (1-t)^2) / (t (1-t))) g   then the usual x <- x + dt v_g
+
+
+def rtc_mask(horizon, delay, overlap_end, schedule="exp"):
+    """The soft mask W (C,): 1 on steps < delay, then (exp) c (e^c - 1) / (e - 1) with
+    c = (overlap_end - i) / (overlap_end - delay + 1), 0 from overlap_end = C - s on. "linear"
+    uses c alone, "hard" only the frozen steps (the paper's ablations)."""
+    if not 0 <= delay <= overlap_end <= horizon:
+        raise ValueError(f"need 0 <= delay ({delay}) <= overlap_end ({overlap_end}) <= horizon ({horizon})")
+    i = torch.arange(horizon, dtype=torch.float32)
+    c = (overlap_end - i) / (overlap_end - delay + 1)
+    soft = {"exp": c * torch.expm1(c) / math.expm1(1.0), "linear": c, "hard": torch.zeros_like(c)}[schedule]
+    return torch.where(i < delay, 1.0, torch.where(i < overlap_end, soft, 0.0))
+
+
+def rtc_guidance_weight(t, beta):
+    """min(beta, (t^2 + (1-t)^2) / (t (1-t))): symmetric in t <-> 1-t, 2 at t = 0.5; the cap beta
+    (the paper's, needed with few denoising steps) also defines it at t = 0 and t = 1."""
+    return beta if t <= 0 or t >= 1 else min(beta, (t * t + (1 - t) ** 2) / (t * (1 - t)))
+
+
+@dataclass
+class RTCGuidance:
+    """What one guided sampling needs: the previous chunk's leftover aligned to this chunk
+    (B, C, A), normalized and padded like the model's actions; the weights (C,) or broadcastable
+    to (B, C, A) (rtc_mask, times 0 on padded action dims); the cap beta. jacobian "full" is the
+    paper's; "identity" drops the Jacobian (g = W * (Y - A_hat), no backward pass)."""
+    target: torch.Tensor
+    weights: torch.Tensor
+    beta: float = 5.0
+    jacobian: str = "full"
+
+    def guided_velocity(self, velocity, x, t):
+        """velocity: x (B, C, A) -> v(x); t: this step's time (a float). -> the guided velocity."""
+        w = self.weights if self.weights.dim() == 3 else self.weights[None, :, None]
+        with torch.set_grad_enabled(self.jacobian == "full"):
+            x = x.detach().requires_grad_(self.jacobian == "full")
+            v = velocity(x)
+            x_hat = x - t * v
+            err = w.to(x_hat) * (self.target.to(x_hat) - x_hat)
+            g = torch.autograd.grad(x_hat, x, err)[0] if self.jacobian == "full" else err
+        return (v - rtc_guidance_weight(t, self.beta) * g).detach()
 
 
 # ----------------------------------------------------------------------------------------------
