@@ -71,10 +71,10 @@ class Policy:
             image_size=cfg.vision.image_size)
         self.valid = None  # pi0-FAST: per example, whether the answer decoded to a real chunk
 
-    def sample_readable(self, batch, noise=None):
+    def sample_readable(self, batch, noise=None, rtc=None):
         """pi0 / pi0.5: the model's own sample_actions (pi0.py), in the serving precision."""
         with self.autocast():
-            return self.model.sample_actions(batch, noise=noise, num_steps=self.num_steps)
+            return self.model.sample_actions(batch, noise=noise, num_steps=self.num_steps, rtc=rtc)
 
     def sample_fast(self, batch, noise=None):
         """pi0-FAST: greedy tokens -> action chunks. An answer that does not decode is flagged in
@@ -92,14 +92,50 @@ class Policy:
                         f"decode to action chunks; their actions are a best effort (Policy.valid is False there)")
         return torch.from_numpy(np.stack([a for a, _ in out]))
 
-    def infer_batch(self, observations, noise=None):
-        """A list of observations -> (N, C, A_robot) float32 actions."""
+    def rtc_guidance(self, observations, prev_actions, delay, execution_horizon, beta=5.0, jacobian="full"):
+        """Real-time chunking: the previous chunks (B, C, A_robot), as the robot got them, ->
+        pi0.RTCGuidance toward their leftover prev[s:]. The leftover is re-expressed the way the
+        model's actions are (deltas against the *new* observation's state, normalized, padded);
+        padded dims get no guidance."""
+        from pi0 import RTCGuidance, rtc_mask
+        cfg, s, d = self.model.cfg, execution_horizon, delay
+        C, A = cfg.action_horizon, self.settings["action_dim"]
+        if execution_horizon is None:
+            raise ValueError("real-time chunking needs execution_horizon: how many actions of the previous "
+                             "chunk had been executed when this observation was taken")
+        prev = np.asarray(prev_actions, np.float32)
+        if prev.shape != (len(observations), C, A):
+            raise ValueError(f"prev_actions has shape {prev.shape}, expected ({len(observations)}, {C}, {A}): "
+                             "the previous chunks as this policy returned them")
+        if not 0 <= d <= s <= C - d:
+            raise ValueError(f"real-time chunking needs 0 <= delay ({d}) <= execution_horizon ({s}) <= "
+                             f"horizon - delay ({C} - {d})")
+        leftover = np.concatenate([prev[:, s:], np.repeat(prev[:, -1:], s, axis=1)], axis=1)  # (B, C, A)
+        if self.settings.get("delta_mask") is not None:
+            states = np.stack([np.asarray(o["state"], np.float32) for o in observations])
+            leftover = np.stack([data.delta_actions(a, st, self.settings["delta_mask"])
+                                 for a, st in zip(leftover, states)])
+        target = data.pad_last(self.transforms._normalize(leftover, "actions"), cfg.action_dim)[0]
+        dims = (np.arange(cfg.action_dim) < A).astype(np.float32)
+        weights = (rtc_mask(C, d, C - s)[:, None] * torch.from_numpy(dims))[None]  # (1, C, A)
+        return RTCGuidance(torch.from_numpy(target).to(self.device), weights.to(self.device), beta, jacobian)
+
+    def infer_batch(self, observations, noise=None, prev_actions=None, delay=0, execution_horizon=None, **rtc):
+        """A list of observations -> (N, C, A_robot) float32 actions. With prev_actions (the
+        previous chunks), the delay d and the execution horizon s, sampling is guided toward the
+        actions the robot is still executing (real-time chunking; rtc: beta, jacobian)."""
         samples = [self.transforms(dict(o, prompt=o.get("prompt", self.settings.get("default_prompt", ""))))
                    for o in observations]
         batch = {k: v.to(self.device) for k, v in data.collate(samples).items()}
         if noise is not None:
             noise = torch.as_tensor(noise, dtype=torch.float32, device=self.device)
-        actions = self.sample(batch, noise).cpu().numpy()
+        if prev_actions is None:
+            actions = self.sample(batch, noise).cpu().numpy()
+        else:
+            if self.sample == self.sample_fast:
+                raise ValueError("real-time chunking guides a flow-matching sampler: pi0 or pi0.5, not pi0-FAST")
+            guidance = self.rtc_guidance(observations, prev_actions, delay, execution_horizon, **rtc)
+            actions = self.sample(batch, noise, rtc=guidance).cpu().numpy()
         A = self.settings["action_dim"]
         actions = data.unnormalize(actions[..., :A], self.transforms.norm_stats["actions"],
                                    self.settings["use_quantiles"])
@@ -109,11 +145,14 @@ class Policy:
                                 for a, s in zip(actions, states)])
         return actions.astype(np.float32)
 
-    def infer(self, observation, noise=None):
+    def infer(self, observation, noise=None, prev_actions=None, delay=0, execution_horizon=None):
         """One observation -> {"actions": (C, A_robot), "policy_timing": {"infer_ms": ...}}, and for
-        pi0-FAST "valid": whether the answer decoded to a real chunk."""
+        pi0-FAST "valid": whether the answer decoded to a real chunk. prev_actions (C, A_robot),
+        delay and execution_horizon: real-time chunking (see infer_batch)."""
         t0 = time.perf_counter()
-        actions = self.infer_batch([observation], None if noise is None else np.asarray(noise)[None])
+        rtc = {} if prev_actions is None else dict(prev_actions=np.asarray(prev_actions, np.float32)[None], delay=delay,
+                                                   execution_horizon=execution_horizon)
+        actions = self.infer_batch([observation], None if noise is None else np.asarray(noise)[None], **rtc)
         out = {"actions": actions[0], "policy_timing": {"infer_ms": 1000 * (time.perf_counter() - t0)}}
         if self.valid is not None:
             out["valid"] = bool(self.valid[0])
@@ -241,8 +280,11 @@ def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb
                 msg = msgpack.unpackb(raw, object_hook=unpack_hook)
                 obs = to_observation(msg, policy.settings["cameras"])
                 noise = request_noise(msg, policy)
+                rtc = {k: msg[k] for k in ("prev_actions", "delay", "execution_horizon") if k in msg}
+                if rtc and "prev_actions" not in rtc:
+                    raise ValueError(f"real-time chunking needs 'prev_actions' with {sorted(rtc)}")
                 async with lock:
-                    result = await asyncio.to_thread(policy.infer, obs, noise)
+                    result = await asyncio.to_thread(policy.infer, obs, noise, **rtc)
                 result["server_timing"] = {"infer_ms": 1000 * (time.monotonic() - t0)}
                 if prev_total is not None:
                     result["server_timing"]["prev_total_ms"] = prev_total
@@ -277,6 +319,63 @@ def serve_forever(args):
             await server.serve_forever()
 
     asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# The robot's side of real-time chunking (the RTC paper's Algorithm 1)
+
+class RealTimeChunker:
+    """Smooth control while the policy thinks: call get_action(observation) once per control
+    tick; a background thread asks for the next chunk as soon as s_min actions of the current
+    one have run, handing the policy that chunk, the delay d it expects (the largest of the last
+    `delay_buffer` delays it saw) and the execution horizon s (actions consumed when the
+    observation was taken). The robot keeps executing the current chunk meanwhile; the new one
+    takes over at index t - s, the delay that actually happened, which joins the buffer.
+
+    infer(observation, **rtc) -> (C, A) actions: for this project's Policy,
+    `lambda obs, **rtc: policy.infer(obs, **rtc)["actions"]`; for openpi's websocket client,
+    `lambda obs, **rtc: client.infer(dict(obs, **rtc))["actions"]`. Feasible when
+    d <= s <= C - d: a chunk that runs dry raises."""
+
+    def __init__(self, infer, s_min, delay_buffer=10):
+        import collections
+        import threading
+        self.infer, self.s_min = infer, s_min
+        self.cond = threading.Condition()
+        self.chunk, self.t, self.observation, self.running = None, 0, None, True
+        self.delays = collections.deque([0], maxlen=delay_buffer)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def get_action(self, observation):
+        with self.cond:
+            self.observation = observation
+            if self.chunk is None:  # the first chunk: nothing to execute meanwhile, so wait for it
+                self.chunk, self.t = np.asarray(self.infer(observation)), 0
+                self.thread.start()
+            if self.t >= len(self.chunk):
+                raise RuntimeError(f"the chunk of {len(self.chunk)} actions ran dry: inference takes longer than "
+                                   f"horizon - s_min steps (delays seen: {list(self.delays)})")
+            action = self.chunk[self.t]
+            self.t += 1
+            self.cond.notify_all()
+            return action
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.t >= self.s_min or not self.running)
+                if not self.running:
+                    return
+                s, prev, obs, d = self.t, self.chunk.copy(), self.observation, max(self.delays)
+            new = np.asarray(self.infer(obs, prev_actions=prev, delay=d, execution_horizon=s))
+            with self.cond:
+                self.chunk, self.t = new, self.t - s  # t is now the delay that happened
+                self.delays.append(self.t)
+
+    def close(self):
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
 
 
 # ----------------------------------------------------------------------------------------------

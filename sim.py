@@ -293,47 +293,73 @@ def wilson_interval(successes, n, z=1.96):
 
 
 def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_steps=5, *, batch_size=100,
-             record=0, progress=True, env_kwargs=None):
+             record=0, progress=True, env_kwargs=None, delay=0, rtc=None):
     """Run `episodes` seeded episodes (seeds seed, seed+1, ...) in closed loop, batch_size at a time.
 
     Every live episode of a batch replans at the same step, so each replan is one infer_batch call
     on all of them. torch's global generator is seeded with `seed`: a policy that samples noise
     from it gives the same results run after run. With record > 0 the first `record` episodes'
-    camera frames come back under "videos" (not JSON: pop it before saving)."""
-    if n_action_steps < 1 or episodes < 1 or batch_size < 1:
-        raise ValueError(f"need n_action_steps, episodes and batch_size >= 1, got {n_action_steps}, "
-                         f"{episodes}, {batch_size}")
+    camera frames come back under "videos" (not JSON: pop it before saving).
+
+    delay d simulates inference latency, as a robot lives it: a chunk is asked for once
+    n_action_steps (s) actions of the current one are executed; the current chunk keeps running
+    for d more steps while the policy thinks; the new chunk then takes over at its index d (its
+    first d actions are in the past). rtc (e.g. {"beta": 5.0}): ask with the previous chunk, so
+    the policy guides the new one toward what is still being executed (real-time chunking);
+    None: naive switching. "jump" records |new[d] - old[s + d]| at every switch."""
+    if n_action_steps < 1 or episodes < 1 or batch_size < 1 or delay < 0:
+        raise ValueError(f"need n_action_steps, episodes and batch_size >= 1 and delay >= 0, got {n_action_steps}, "
+                         f"{episodes}, {batch_size}, {delay}")
     torch.manual_seed(seed)
-    results, videos = [], []
+    results, videos, jumps = [], [], []
     infer_s, step_s, calls, chunks = 0.0, 0.0, 0, 0
+    s, d = n_action_steps, delay
     bar = tqdm(total=episodes, desc=f"eval {env_name}", disable=not progress)
     for first in range(0, episodes, batch_size):
         seeds = list(range(seed + first, seed + min(episodes, first + batch_size)))
         envs = [make_env(env_name, **(env_kwargs or {})) for _ in seeds]
-        obs = [env.reset(s) for env, s in zip(envs, seeds)]
+        obs = [env.reset(s_) for env, s_ in zip(envs, seeds)]
         frames = [[o["images"][envs[0].cameras[0]]] for o in obs[:max(0, record - first)]]
-        queue, length, live = [[] for _ in seeds], [0] * len(seeds), list(range(len(seeds)))
-        undecoded = [0] * len(seeds)  # chunks per episode that did not decode (pi0-FAST)
+        n = len(seeds)
+        chunk, idx, pending, length, live = [None] * n, [0] * n, [None] * n, [0] * n, list(range(n))
+        undecoded = [0] * n  # chunks per episode that did not decode (pi0-FAST)
+        def switch():  # a chunk asked for d steps ago arrives and takes over at its index d
+            for j in live:
+                if pending[j] is not None and idx[j] == s + d:
+                    if s + d < len(chunk[j]):  # how far the switch moves the command
+                        jumps.append(float(np.linalg.norm(pending[j][d] - chunk[j][s + d])))
+                    chunk[j], idx[j], pending[j] = pending[j], d, None
+
         while live:
-            need = [j for j in live if not queue[j]]  # all live episodes, since they run in lockstep
+            switch()
+            # ask for the next chunk: at the start, and once s actions of the current one ran
+            need = [j for j in live if chunk[j] is None or (idx[j] == s and pending[j] is None)]
             if need:
+                first_chunk = chunk[need[0]] is None  # lockstep: all or none of them start
+                extra = {} if rtc is None or first_chunk else dict(
+                    prev_actions=np.stack([chunk[j] for j in need]), delay=d, execution_horizon=s, **rtc)
                 t0 = time.perf_counter()
-                actions = np.asarray(policy.infer_batch([obs[j] for j in need]))  # (E, C, A)
+                actions = np.asarray(policy.infer_batch([obs[j] for j in need], **extra))  # (E, C, A)
                 infer_s, calls, chunks = infer_s + time.perf_counter() - t0, calls + 1, chunks + len(need)
                 if actions.ndim != 3 or len(actions) != len(need) or actions.shape[2] != envs[0].action_dim:
                     raise ValueError(f"policy returned actions of shape {actions.shape}, expected "
                                      f"({len(need)}, chunk, {envs[0].action_dim}) for env {env_name}")
-                if n_action_steps > actions.shape[1]:
-                    raise ValueError(f"n_action_steps {n_action_steps} exceeds the policy's chunk of "
-                                     f"{actions.shape[1]} actions: execute at most {actions.shape[1]} per call")
+                if s + d > actions.shape[1]:
+                    raise ValueError(f"n_action_steps {s} (+ delay {d}) exceeds the policy's chunk of "
+                                     f"{actions.shape[1]} actions: execute at most {actions.shape[1] - d} per call")
                 valid = getattr(policy, "valid", None)  # pi0-FAST: False where an answer did not decode
-                for i, (j, chunk) in enumerate(zip(need, actions)):
-                    queue[j] = list(chunk[:n_action_steps])
+                for i, (j, new) in enumerate(zip(need, actions)):
+                    if first_chunk:
+                        chunk[j], idx[j] = new, 0
+                    else:
+                        pending[j] = new  # the current chunk runs on for d more steps
                     if valid is not None and not valid[i]:
                         undecoded[j] += 1
+            switch()  # with d = 0 the new chunk takes over at once
             t0 = time.perf_counter()
             for j in list(live):
-                obs[j], success, done = envs[j].step(queue[j].pop(0))
+                obs[j], success, done = envs[j].step(chunk[j][idx[j]])
+                idx[j] += 1
                 length[j] += 1
                 if j < len(frames):
                     frames[j].append(obs[j]["images"][envs[j].cameras[0]])
@@ -351,7 +377,8 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
     total_steps = sum(r["length"] for r in results)
     k = sum(r["success"] for r in results)
     lo, hi = wilson_interval(k, episodes)
-    out = dict(env=env_name, episodes=episodes, seed=seed, n_action_steps=n_action_steps, successes=k,
+    out = dict(env=env_name, episodes=episodes, seed=seed, n_action_steps=n_action_steps, delay=delay,
+               rtc=rtc, mean_jump=float(np.mean(jumps)) if jumps else None, successes=k,
                success_rate=k / episodes, ci95=[lo, hi], mean_length=total_steps / episodes,
                infer_ms_per_call=1000 * infer_s / max(calls, 1), infer_ms_per_chunk=1000 * infer_s / max(chunks, 1),
                env_ms_per_step=1000 * step_s / max(total_steps, 1), policy_calls=calls,
@@ -447,6 +474,46 @@ def record_demos(out, episodes, seed=DEMO_SEED, progress=True):
     return successes
 
 
+def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=False):
+    """The latency study: for each delay d (execution horizon s = max(d, 1), the RTC paper's
+    protocol), naive switching against real-time chunking's guidance. -> rows of results."""
+    rows = []
+    for d in delays:
+        for method, rtc in (("naive", None), ("rtc", {"beta": beta})):
+            r = evaluate(policy, "builtin", episodes, seed, max(d, 1), delay=d, rtc=rtc, progress=progress)
+            rows.append(dict(delay=d, s=max(d, 1), method=method, success_rate=r["success_rate"], ci95=r["ci95"],
+                             mean_length=r["mean_length"], mean_jump=r["mean_jump"]))
+            jump = "-" if r["mean_jump"] is None else f"{r['mean_jump']:.3f}"
+            print(f"d={d} s={max(d, 1)} {method:5s}: success {r['success_rate']:.0%} "
+                  f"({r['ci95'][0]:.0%}-{r['ci95'][1]:.0%}), mean length {r['mean_length']:.1f}, mean jump {jump}",
+                  flush=True)
+    return rows
+
+
+def plot_sweep(rows, path):
+    """Success and switch jump against the delay, one line per method (pillow only)."""
+    W, H, pad = 640, 300, 40
+    img = Image.new("RGB", (2 * W, H), "white")
+    draw = ImageDraw.Draw(img)
+    delays = sorted({r["delay"] for r in rows})
+    colours = {"naive": (214, 39, 40), "rtc": (31, 119, 180)}
+    jumps = [r["mean_jump"] for r in rows if r["mean_jump"] is not None] or [1.0]
+    for panel, (key, top, title) in enumerate((("success_rate", 1.0, "success"), ("mean_jump", max(jumps), "jump at switches"))):
+        x0 = panel * W
+        draw.rectangle([x0 + pad, pad, x0 + W - pad, H - pad], outline=(180, 180, 180))
+        draw.text((x0 + pad, 10), f"{title} vs delay d (0 to {delays[-1]}); max {top:.2f}", fill="black")
+        for m, colour in colours.items():
+            pts = [(x0 + pad + r["delay"] / max(1, delays[-1]) * (W - 2 * pad), H - pad - r[key] / top * (H - 2 * pad))
+                   for r in rows if r["method"] == m and r[key] is not None]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=3)
+            for p in pts:
+                draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+            draw.text((x0 + W - pad - 60, pad + 5 + 15 * list(colours).index(m)), m, fill=colour)
+    img.save(path)
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The built-in reach task: demos and closed-loop evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -456,6 +523,12 @@ def main(argv=None):
     demos.add_argument("--out", required=True, help="output folder")
     demos.add_argument("--seed", type=int, default=DEMO_SEED, help="episode i uses seed + i")
     demos.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size")
+    sw = sub.add_parser("rtc", help="latency study: naive switching vs real-time chunking as the delay grows")
+    sw.add_argument("--checkpoint", required=True, help="a pi0 / pi0.5 checkpoint trained on the built-in task")
+    sw.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 3], help="inference delays d, in steps")
+    sw.add_argument("--episodes", type=int, default=100)
+    sw.add_argument("--beta", type=float, default=5.0, help="guidance weight cap (the paper's 5)")
+    sw.add_argument("--out", default=None, help="folder for rtc.json and rtc.png (default: the checkpoint's)")
     ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
     ev.add_argument("--checkpoint", help="checkpoint directory (policy.Policy)")
     ev.add_argument("--expert", action="store_true", help="builtin only: evaluate the scripted expert instead")
@@ -473,6 +546,14 @@ def main(argv=None):
     ev.add_argument("--out", default=None, help="folder for eval.json and eval.gif")
     args = parser.parse_args(argv)
 
+    if args.command == "rtc":
+        from policy import Policy
+        out = Path(args.out or args.checkpoint)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = rtc_sweep(Policy(args.checkpoint, fast=True), args.delays, args.episodes, args.beta)
+        (out / "rtc.json").write_text(json.dumps(rows, indent=2))
+        print(f"wrote {out / 'rtc.json'} and {plot_sweep(rows, out / 'rtc.png')}")
+        return
     if args.command == "demos":
         t0 = time.perf_counter()
         expert = record_demos(args.out, args.episodes, args.seed)

@@ -261,7 +261,7 @@ def test_corrupt_checkpoint_files_are_named(tmp_path):
 
 
 def test_too_many_action_steps_per_chunk_is_an_error():
-    with pytest.raises(ValueError, match="n_action_steps 100 exceeds the policy's chunk of 6 actions"):
+    with pytest.raises(ValueError, match=r"n_action_steps 100 \(\+ delay 0\) exceeds the policy.s chunk of 6 actions"):
         sim.evaluate(sim.ExpertPolicy(chunk_size=6), "builtin", 2, n_action_steps=100, progress=False)
 
 

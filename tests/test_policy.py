@@ -178,3 +178,22 @@ def test_oversized_request_is_refused_and_metadata_describes_the_checkpoint(tmp_
     finally:
         loop.call_soon_threadsafe(box["server"].close)
         thread.join(10)
+
+
+def test_requests_with_and_without_the_previous_chunk(server):
+    """Real-time chunking over the wire: a request may carry the previous chunk, the delay and
+    the execution horizon; the reply is Policy's guided chunk."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+    policy, port = server
+    client = WebsocketClientPolicy("127.0.0.1", port)
+    obs = libero_obs(np.random.default_rng(7))
+    noise = np.random.default_rng(8).standard_normal((6, 8)).astype(np.float32)
+    plain = client.infer(dict(obs, noise=noise))["actions"]
+    prev = plain + 0.5
+    guided = client.infer(dict(obs, noise=noise, prev_actions=prev, delay=2, execution_horizon=2))["actions"]
+    local = policy.infer(policy_mod.to_observation(obs, policy.settings["cameras"]), noise, prev_actions=prev,
+                         delay=2, execution_horizon=2)["actions"]
+    np.testing.assert_allclose(guided, local, atol=1e-5)
+    assert np.abs(guided - plain).max() > 1e-3  # the guidance changed the chunk
+    with pytest.raises(RuntimeError, match="needs 'prev_actions'"):
+        client.infer(dict(obs, delay=2))

@@ -87,3 +87,101 @@ def test_fast_sampler_with_guidance_equals_the_readable_one(module):
     rtc = RTCGuidance(torch.randn(2, C, A), rtc_mask(C, 2, 4)[None, :, None] * dims, beta=5.0)
     torch.testing.assert_close(infer.FastSampler(model)(batch, noise, rtc=rtc),
                                model.sample_actions(batch, noise=noise, rtc=rtc), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The latency simulation (sim.evaluate with a delay) and Policy's guidance from robot actions
+
+def test_delayed_switching_executes_what_a_robot_would(monkeypatch):
+    """s = 2, d = 2: a chunk is asked for after 2 of its actions ran, the old chunk runs 2 more
+    steps while the policy thinks, then the new one takes over at its index 2. Entries encode
+    (call, index); with rtc the policy is handed the chunk that is still running."""
+    import numpy as np
+
+    import sim
+    executed, step = [], sim.ReachEnv.step
+    monkeypatch.setattr(sim.ReachEnv, "step", lambda self, a: (executed.append(tuple(a.tolist())), step(self, a))[1])
+
+    class Counting:
+        calls, seen = 0, []
+
+        def infer_batch(self, observations, noise=None, **rtc):
+            self.calls += 1
+            self.seen.append(rtc)
+            return np.array([[[self.calls, i] for i in range(6)]] * len(observations), np.float32)
+
+    policy = Counting()
+    r = sim.evaluate(policy, "builtin", 1, n_action_steps=2, delay=2, rtc={"beta": 5.0}, progress=False)
+    assert executed[:10] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 2), (3, 3), (4, 2), (4, 3)]
+    assert policy.seen[0] == {}  # the first chunk has no predecessor
+    assert policy.seen[1]["delay"] == 2 and policy.seen[1]["execution_horizon"] == 2
+    assert policy.seen[1]["prev_actions"][0, :, 0].tolist() == [1] * 6  # the chunk still running
+    assert r["mean_jump"] == pytest.approx(5 ** 0.5)  # new[d] - old[s + d] = (k + 1, 2) - (k, 4)
+    with pytest.raises(ValueError, match=r"n_action_steps 4 \(\+ delay 3\) exceeds"):
+        sim.evaluate(Counting(), "builtin", 1, n_action_steps=4, delay=3, progress=False)
+
+
+def test_policy_guidance_is_normalized_and_spares_padded_dims(tmp_path):
+    """Policy turns the previous chunk (robot units) into the model's space: leftover prev[s:],
+    normalized with the checkpoint's stats, zero weight on the padded dims and past the overlap."""
+    import numpy as np
+
+    import models
+    from policy import Policy
+    from test_policy import make_checkpoint, libero_obs
+    make_checkpoint(tmp_path / "ckpt")  # pi0, actions 7 wide (mean 0.1 i, std 0.5), chunk 6
+    policy = Policy(tmp_path / "ckpt")
+    obs = {"images": {"image": libero_obs(np.random.default_rng(0))["observation/image"],
+                      "wrist_image": libero_obs(np.random.default_rng(1))["observation/wrist_image"]},
+           "state": np.zeros(8, np.float32), "prompt": "pick up the red block"}
+    prev = np.tile(np.arange(7, dtype=np.float32) * 0.1 + 0.5, (1, 6, 1))  # one std above the mean
+    g = policy.rtc_guidance([obs], prev, delay=1, execution_horizon=2)
+    assert g.target.shape == (1, 6, 8)
+    torch.testing.assert_close(g.target[0, :, :7], torch.ones(6, 7), atol=1e-4, rtol=0)
+    assert g.target[0, :, 7].abs().max() == 0 and g.weights[0, :, 7].abs().max() == 0
+    assert g.weights[0, :, 0].tolist()[4:] == [0, 0] and g.weights[0, 0, 0] == 1  # overlap C - s = 4
+    out = policy.infer_batch([obs], prev_actions=prev, delay=1, execution_horizon=2)
+    assert out.shape == (1, 6, 7) and np.isfinite(out).all()
+    with pytest.raises(ValueError, match="delay"):
+        policy.rtc_guidance([obs], prev, delay=3, execution_horizon=2)
+    assert models.model_file(policy.model.cfg.model).FLOW
+
+
+def test_real_time_chunker_bookkeeping_of_delay_and_horizon():
+    """The robot-side loop with an inference that takes exactly as long as the test says: the
+    old chunk runs on meanwhile, the new one starts at the delay that happened, and the next
+    request expects the largest delay seen."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from policy import RealTimeChunker
+    calls, go = [], threading.Semaphore(0)
+
+    def infer(obs, **rtc):
+        calls.append(rtc)
+        if rtc:
+            assert go.acquire(timeout=10)  # "thinking" until the test lets it finish
+        return np.array([[len(calls), i] for i in range(8)], np.float32)
+
+    def wait_for(condition):
+        deadline = time.time() + 10
+        while not condition():
+            assert time.time() < deadline
+            time.sleep(0.005)
+
+    chunker = RealTimeChunker(infer, s_min=2)
+    got = [tuple(chunker.get_action(k)) for k in range(2)]  # chunk 1, synchronous
+    wait_for(lambda: len(calls) == 2)  # the second inference started after 2 actions
+    got += [tuple(chunker.get_action(k)) for k in range(2, 5)]  # 3 ticks of thinking: chunk 1 runs on
+    go.release()
+    wait_for(lambda: chunker.chunk[0][0] == 2)
+    got.append(tuple(chunker.get_action(5)))
+    assert got == [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 3)]  # new chunk at the realized delay 3
+    assert calls[1]["delay"] == 0 and calls[1]["execution_horizon"] == 2
+    assert calls[1]["prev_actions"][:, 0].tolist() == [1] * 8
+    wait_for(lambda: len(calls) == 3)  # t >= s_min at once: the next request, expecting delay 3
+    assert calls[2]["delay"] == 3 and calls[2]["execution_horizon"] in (3, 4)  # 4 if tick 5 came first
+    go.release()
+    chunker.close()
