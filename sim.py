@@ -292,6 +292,64 @@ def wilson_interval(successes, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def run_lockstep(policy, envs, seeds, s, d, rtc, n_frames, stats, bar):
+    """One batch of episodes in lockstep to the end: a chunk is asked for at the start and once
+    s actions of the current one ran; with a delay d the current chunk runs on for d steps and
+    the new one takes over at its index d. -> (per-episode results, recorded frames).
+    stats accumulates infer_s, step_s, calls, chunks and the switch jumps."""
+    obs = [env.reset(s_) for env, s_ in zip(envs, seeds)]
+    frames = [[o["images"][envs[0].cameras[0]]] for o in obs[:n_frames]]
+    n = len(seeds)
+    chunk, idx, pending, length, live, results = [None] * n, [0] * n, [None] * n, [0] * n, list(range(n)), []
+    undecoded = [0] * n  # chunks per episode that did not decode (pi0-FAST)
+
+    def switch():  # a chunk asked for d steps ago arrives and takes over at its index d
+        for j in live:
+            if pending[j] is not None and idx[j] == s + d:
+                if s + d < len(chunk[j]):  # how far the switch moves the command
+                    stats["jumps"].append(float(np.linalg.norm(pending[j][d] - chunk[j][s + d])))
+                chunk[j], idx[j], pending[j] = pending[j], d, None
+
+    while live:
+        switch()
+        need = [j for j in live if chunk[j] is None or (idx[j] == s and pending[j] is None)]
+        if need:
+            first_chunk = chunk[need[0]] is None  # lockstep: all or none of them start
+            extra = {} if rtc is None or first_chunk else dict(
+                prev_actions=np.stack([chunk[j] for j in need]), delay=d, execution_horizon=s, **rtc)
+            t0 = time.perf_counter()
+            actions = np.asarray(policy.infer_batch([obs[j] for j in need], **extra))  # (E, C, A)
+            stats["infer_s"] += time.perf_counter() - t0
+            stats["calls"], stats["chunks"] = stats["calls"] + 1, stats["chunks"] + len(need)
+            if actions.ndim != 3 or len(actions) != len(need) or actions.shape[2] != envs[0].action_dim:
+                raise ValueError(f"policy returned actions of shape {actions.shape}, expected "
+                                 f"({len(need)}, chunk, {envs[0].action_dim})")
+            if s + d > actions.shape[1]:
+                raise ValueError(f"n_action_steps {s} (+ delay {d}) exceeds the policy's chunk of "
+                                 f"{actions.shape[1]} actions: execute at most {actions.shape[1] - d} per call")
+            valid = getattr(policy, "valid", None)  # pi0-FAST: False where an answer did not decode
+            for i, (j, new) in enumerate(zip(need, actions)):
+                if first_chunk:
+                    chunk[j], idx[j] = new, 0
+                else:
+                    pending[j] = new  # the current chunk runs on for d more steps
+                undecoded[j] += valid is not None and not valid[i]
+        switch()  # with d = 0 the new chunk takes over at once
+        t0 = time.perf_counter()
+        for j in list(live):
+            obs[j], success, done = envs[j].step(chunk[j][idx[j]])
+            idx[j], length[j] = idx[j] + 1, length[j] + 1
+            if j < len(frames):
+                frames[j].append(obs[j]["images"][envs[j].cameras[0]])
+            if done:
+                live.remove(j)
+                results.append(dict(seed=seeds[j], success=bool(success), length=length[j],
+                                    prompt=obs[j]["prompt"], undecoded_chunks=int(undecoded[j])))
+                bar.update(1)
+        stats["step_s"] += time.perf_counter() - t0
+    return sorted(results, key=lambda r: r["seed"]), frames
+
+
 def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_steps=5, *, batch_size=100,
              record=0, progress=True, env_kwargs=None, delay=0, rtc=None):
     """Run `episodes` seeded episodes (seeds seed, seed+1, ...) in closed loop, batch_size at a time.
@@ -306,82 +364,33 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
     for d more steps while the policy thinks; the new chunk then takes over at its index d (its
     first d actions are in the past). rtc (e.g. {"beta": 5.0}): ask with the previous chunk, so
     the policy guides the new one toward what is still being executed (real-time chunking);
-    None: naive switching. "jump" records |new[d] - old[s + d]| at every switch."""
+    None: naive switching. "mean_jump" is the mean |new[d] - old[s + d]| over the switches."""
     if n_action_steps < 1 or episodes < 1 or batch_size < 1 or delay < 0:
         raise ValueError(f"need n_action_steps, episodes and batch_size >= 1 and delay >= 0, got {n_action_steps}, "
                          f"{episodes}, {batch_size}, {delay}")
     torch.manual_seed(seed)
-    results, videos, jumps = [], [], []
-    infer_s, step_s, calls, chunks = 0.0, 0.0, 0, 0
-    s, d = n_action_steps, delay
+    results, videos = [], []
+    stats = dict(infer_s=0.0, step_s=0.0, calls=0, chunks=0, jumps=[])
     bar = tqdm(total=episodes, desc=f"eval {env_name}", disable=not progress)
     for first in range(0, episodes, batch_size):
         seeds = list(range(seed + first, seed + min(episodes, first + batch_size)))
         envs = [make_env(env_name, **(env_kwargs or {})) for _ in seeds]
-        obs = [env.reset(s_) for env, s_ in zip(envs, seeds)]
-        frames = [[o["images"][envs[0].cameras[0]]] for o in obs[:max(0, record - first)]]
-        n = len(seeds)
-        chunk, idx, pending, length, live = [None] * n, [0] * n, [None] * n, [0] * n, list(range(n))
-        undecoded = [0] * n  # chunks per episode that did not decode (pi0-FAST)
-        def switch():  # a chunk asked for d steps ago arrives and takes over at its index d
-            for j in live:
-                if pending[j] is not None and idx[j] == s + d:
-                    if s + d < len(chunk[j]):  # how far the switch moves the command
-                        jumps.append(float(np.linalg.norm(pending[j][d] - chunk[j][s + d])))
-                    chunk[j], idx[j], pending[j] = pending[j], d, None
-
-        while live:
-            switch()
-            # ask for the next chunk: at the start, and once s actions of the current one ran
-            need = [j for j in live if chunk[j] is None or (idx[j] == s and pending[j] is None)]
-            if need:
-                first_chunk = chunk[need[0]] is None  # lockstep: all or none of them start
-                extra = {} if rtc is None or first_chunk else dict(
-                    prev_actions=np.stack([chunk[j] for j in need]), delay=d, execution_horizon=s, **rtc)
-                t0 = time.perf_counter()
-                actions = np.asarray(policy.infer_batch([obs[j] for j in need], **extra))  # (E, C, A)
-                infer_s, calls, chunks = infer_s + time.perf_counter() - t0, calls + 1, chunks + len(need)
-                if actions.ndim != 3 or len(actions) != len(need) or actions.shape[2] != envs[0].action_dim:
-                    raise ValueError(f"policy returned actions of shape {actions.shape}, expected "
-                                     f"({len(need)}, chunk, {envs[0].action_dim}) for env {env_name}")
-                if s + d > actions.shape[1]:
-                    raise ValueError(f"n_action_steps {s} (+ delay {d}) exceeds the policy's chunk of "
-                                     f"{actions.shape[1]} actions: execute at most {actions.shape[1] - d} per call")
-                valid = getattr(policy, "valid", None)  # pi0-FAST: False where an answer did not decode
-                for i, (j, new) in enumerate(zip(need, actions)):
-                    if first_chunk:
-                        chunk[j], idx[j] = new, 0
-                    else:
-                        pending[j] = new  # the current chunk runs on for d more steps
-                    if valid is not None and not valid[i]:
-                        undecoded[j] += 1
-            switch()  # with d = 0 the new chunk takes over at once
-            t0 = time.perf_counter()
-            for j in list(live):
-                obs[j], success, done = envs[j].step(chunk[j][idx[j]])
-                idx[j] += 1
-                length[j] += 1
-                if j < len(frames):
-                    frames[j].append(obs[j]["images"][envs[j].cameras[0]])
-                if done:
-                    live.remove(j)
-                    results.append(dict(seed=seeds[j], success=bool(success), length=length[j],
-                                        prompt=obs[j]["prompt"], undecoded_chunks=undecoded[j]))
-                    bar.update(1)
-            step_s += time.perf_counter() - t0
+        batch, frames = run_lockstep(policy, envs, seeds, n_action_steps, delay, rtc, max(0, record - first), stats, bar)
         for env in envs:
             env.close()
-        videos += [(f, r) for f, r in zip(frames, sorted(results[first:], key=lambda r: r["seed"]))]
+        results += batch
+        videos += list(zip(frames, batch))
     bar.close()
-    results.sort(key=lambda r: r["seed"])
     total_steps = sum(r["length"] for r in results)
     k = sum(r["success"] for r in results)
     lo, hi = wilson_interval(k, episodes)
+    jumps, calls = stats["jumps"], stats["calls"]
     out = dict(env=env_name, episodes=episodes, seed=seed, n_action_steps=n_action_steps, delay=delay,
                rtc=rtc, mean_jump=float(np.mean(jumps)) if jumps else None, successes=k,
                success_rate=k / episodes, ci95=[lo, hi], mean_length=total_steps / episodes,
-               infer_ms_per_call=1000 * infer_s / max(calls, 1), infer_ms_per_chunk=1000 * infer_s / max(chunks, 1),
-               env_ms_per_step=1000 * step_s / max(total_steps, 1), policy_calls=calls,
+               infer_ms_per_call=1000 * stats["infer_s"] / max(calls, 1),
+               infer_ms_per_chunk=1000 * stats["infer_s"] / max(stats["chunks"], 1),
+               env_ms_per_step=1000 * stats["step_s"] / max(total_steps, 1), policy_calls=calls,
                undecoded_chunks=sum(r["undecoded_chunks"] for r in results),
                episodes_with_undecoded=sum(r["undecoded_chunks"] > 0 for r in results), results=results)
     if record:
@@ -514,6 +523,58 @@ def plot_sweep(rows, path):
     return path
 
 
+def cmd_demos(args):
+    t0 = time.perf_counter()
+    expert = record_demos(args.out, args.episodes, args.seed)
+    dataset = HDF5Dataset(args.out, chunk_size=1)
+    save_norm_stats(compute_norm_stats(dataset, progress=False), Path(args.out) / "norm_stats.json")
+    sp = train_tokenizer(Path(args.out) / "tokenizer.model", args.vocab_size)
+    longest = max(len(sp.encode(pi05_prompt_text(p, [-1, 255]), add_bos=True)) for p in dataset.tasks)
+    rand = evaluate(RandomPolicy(-1.0, 1.0, 2), "builtin", 200, EVAL_SEED, progress=False)
+    print(f"wrote {args.episodes} episodes ({len(dataset)} frames, mean length "
+          f"{len(dataset) / args.episodes:.1f}), norm_stats.json, tokenizer.model ({sp.get_piece_size()} "
+          f"pieces; longest pi0.5 prompt {longest} tokens) to {args.out} in {time.perf_counter() - t0:.1f} s")
+    print(f"expert success {expert}/{args.episodes}; random policy {rand['successes']}/200 "
+          f"(95% CI {rand['ci95'][0]:.2f}-{rand['ci95'][1]:.2f})")
+
+
+def cmd_rtc(args):
+    from policy import Policy
+    out = Path(args.out or args.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = rtc_sweep(Policy(args.checkpoint, fast=True), args.delays, args.episodes, args.beta)
+    (out / "rtc.json").write_text(json.dumps(rows, indent=2))
+    print(f"wrote {out / 'rtc.json'} and {plot_sweep(rows, out / 'rtc.png')}")
+
+
+def cmd_eval(args):
+    env_kwargs = {} if args.camera is None else {"camera": args.camera}
+    if args.env != "builtin":
+        env_kwargs.update({k: v for k, v in dict(prompt=args.prompt, max_steps=args.max_steps).items() if v})
+    if args.env == "aloha":
+        env_kwargs["task"] = args.aloha_task
+    if args.expert:
+        if args.env != "builtin":
+            raise ValueError("--expert exists for the builtin env only")
+        policy, name = ExpertPolicy(camera=args.camera or "top"), "scripted expert"
+    elif args.checkpoint:
+        from policy import Policy  # the model stack is imported only when a checkpoint is evaluated
+        policy, name = Policy(args.checkpoint, device=args.device), args.checkpoint
+    else:
+        raise ValueError("give --checkpoint DIR (or --expert for the builtin env)")
+    r = evaluate(policy, args.env, args.episodes, args.seed, args.n_action_steps, batch_size=args.batch_size,
+                 record=args.gif, env_kwargs=env_kwargs)
+    print(f"{name} on {args.env}: success {r['successes']}/{r['episodes']} = {r['success_rate']:.1%} "
+          f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean episode length {r['mean_length']:.1f} steps")
+    print(f"inference {r['infer_ms_per_call']:.1f} ms per call ({r['infer_ms_per_chunk']:.2f} ms per chunk), "
+          f"env {r['env_ms_per_step']:.2f} ms per step, {r['policy_calls']} calls, n_action_steps {r['n_action_steps']}")
+    if r["undecoded_chunks"]:
+        print(f"WARNING: {r['undecoded_chunks']} chunks in {r['episodes_with_undecoded']} episodes did not decode "
+              f"(pi0-FAST answers that are not FAST tokens; the robot got a best-effort chunk)")
+    if args.out:
+        print("wrote " + " and ".join(str(p) for p in save_eval(r, args.out, args.checkpoint)))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The built-in reach task: demos and closed-loop evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -545,55 +606,7 @@ def main(argv=None):
     ev.add_argument("--gif", type=int, default=4, help="episodes shown in the GIF (0: none)")
     ev.add_argument("--out", default=None, help="folder for eval.json and eval.gif")
     args = parser.parse_args(argv)
-
-    if args.command == "rtc":
-        from policy import Policy
-        out = Path(args.out or args.checkpoint)
-        out.mkdir(parents=True, exist_ok=True)
-        rows = rtc_sweep(Policy(args.checkpoint, fast=True), args.delays, args.episodes, args.beta)
-        (out / "rtc.json").write_text(json.dumps(rows, indent=2))
-        print(f"wrote {out / 'rtc.json'} and {plot_sweep(rows, out / 'rtc.png')}")
-        return
-    if args.command == "demos":
-        t0 = time.perf_counter()
-        expert = record_demos(args.out, args.episodes, args.seed)
-        dataset = HDF5Dataset(args.out, chunk_size=1)
-        save_norm_stats(compute_norm_stats(dataset, progress=False), Path(args.out) / "norm_stats.json")
-        sp = train_tokenizer(Path(args.out) / "tokenizer.model", args.vocab_size)
-        longest = max(len(sp.encode(pi05_prompt_text(p, [-1, 255]), add_bos=True)) for p in dataset.tasks)
-        rand = evaluate(RandomPolicy(-1.0, 1.0, 2), "builtin", 200, EVAL_SEED, progress=False)
-        print(f"wrote {args.episodes} episodes ({len(dataset)} frames, mean length "
-              f"{len(dataset) / args.episodes:.1f}), norm_stats.json, tokenizer.model ({sp.get_piece_size()} "
-              f"pieces; longest pi0.5 prompt {longest} tokens) to {args.out} in {time.perf_counter() - t0:.1f} s")
-        print(f"expert success {expert}/{args.episodes}; random policy {rand['successes']}/200 "
-              f"(95% CI {rand['ci95'][0]:.2f}-{rand['ci95'][1]:.2f})")
-        return
-
-    env_kwargs = {} if args.camera is None else {"camera": args.camera}
-    if args.env != "builtin":
-        env_kwargs.update({k: v for k, v in dict(prompt=args.prompt, max_steps=args.max_steps).items() if v})
-    if args.env == "aloha":
-        env_kwargs["task"] = args.aloha_task
-    if args.expert:
-        if args.env != "builtin":
-            raise ValueError("--expert exists for the builtin env only")
-        policy, name = ExpertPolicy(camera=args.camera or "top"), "scripted expert"
-    elif args.checkpoint:
-        from policy import Policy  # the model stack is imported only when a checkpoint is evaluated
-        policy, name = Policy(args.checkpoint, device=args.device), args.checkpoint
-    else:
-        raise ValueError("give --checkpoint DIR (or --expert for the builtin env)")
-    r = evaluate(policy, args.env, args.episodes, args.seed, args.n_action_steps, batch_size=args.batch_size,
-                 record=args.gif, env_kwargs=env_kwargs)
-    print(f"{name} on {args.env}: success {r['successes']}/{r['episodes']} = {r['success_rate']:.1%} "
-          f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean episode length {r['mean_length']:.1f} steps")
-    print(f"inference {r['infer_ms_per_call']:.1f} ms per call ({r['infer_ms_per_chunk']:.2f} ms per chunk), "
-          f"env {r['env_ms_per_step']:.2f} ms per step, {r['policy_calls']} calls, n_action_steps {r['n_action_steps']}")
-    if r["undecoded_chunks"]:
-        print(f"WARNING: {r['undecoded_chunks']} chunks in {r['episodes_with_undecoded']} episodes did not decode "
-              f"(pi0-FAST answers that are not FAST tokens; the robot got a best-effort chunk)")
-    if args.out:
-        print("wrote " + " and ".join(str(p) for p in save_eval(r, args.out, args.checkpoint)))
+    {"demos": cmd_demos, "rtc": cmd_rtc, "eval": cmd_eval}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,16 @@ exactly the loss one process would on the same global batch, and a resumed run r
 uninterrupted one.
 
 The file reads top to bottom: the knobs, then one section per phase (distributed setup, data,
-model, the step, checkpoints, export), then a short main() that calls them in order.
+model, the step, export, logging), then a short main() that calls them in order. The run's
+crash-safe checkpoints live in checkpoints.py, LoRA in lora.py.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 
@@ -87,6 +85,9 @@ args = p.parse_args() if __name__ == "__main__" else None
 
 import data  # noqa: E402  (after argparse so --help is instant)
 import models  # noqa: E402
+from checkpoints import (RESUME_MUST_MATCH, latest_checkpoint, load_training_state, merged_state,  # noqa: E402
+                         save_training_state)
+from lora import add_lora  # noqa: E402
 from pi0 import sample_noise_and_time  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -301,42 +302,7 @@ def build_data(a, cfg, rank, world, ddp, out):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model: build or load, freeze, LoRA (openpi's targets), activation checkpointing, FSDP2 / DDP
-
-
-class LoRALinear(torch.nn.Linear):
-    """A frozen Linear plus a trainable low-rank update: y = x W^T + (alpha / r) x A^T B^T.
-
-    B starts at zero, so training starts from the pretrained model exactly. The frozen weight
-    keeps its name ("weight"), so merging (W += (alpha / r) B A) gives the plain model back.
-    """
-
-    def __init__(self, linear, rank, alpha):
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                         device=linear.weight.device)
-        self.weight, self.bias = linear.weight, linear.bias
-        self.weight.requires_grad_(False)
-        self.lora_a = torch.nn.Parameter(torch.randn(rank, linear.in_features, device=linear.weight.device)
-                                         / math.sqrt(linear.in_features))
-        self.lora_b = torch.nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
-        self.scale = alpha / rank
-
-    def forward(self, x):
-        update = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_a), self.lora_b)
-        return super().forward(x) + update * self.scale
-
-    def merged_weight(self):
-        return self.weight + self.scale * (self.lora_b @ self.lora_a)
-
-
-def add_lora(expert, rank, alpha):
-    """LoRA on every attention and MLP projection of one Gemma expert (openpi's targets);
-    its other weights (the norms) are frozen too."""
-    expert.requires_grad_(False)
-    for layer in expert:
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            if hasattr(layer, name):  # the expert's final norm has none
-                setattr(layer, name, LoRALinear(getattr(layer, name), rank, alpha))
+# Model: build or load, freeze, LoRA (lora.py), activation checkpointing, FSDP2 / DDP
 
 
 def checkpointed(fn):
@@ -464,120 +430,6 @@ def estimate_mfu(model, cfg, batch, step_s, flops_peak=None):
     P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
     flops, _ = model.cost(1, P, 1 if models.model_file(cfg.model).FLOW else 0)
     return 3 * sum(flops.values()) * batch / step_s / flops_peak
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: the run's state, written atomically; resume repeats the uninterrupted run
-
-
-def full_state(model):
-    """A full, unsharded CPU state dict (works for plain, DDP-wrapped and FSDP2 models)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_tensor(t):
-    """The whole tensor behind an FSDP2 shard (a collective), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def merged_state(model):
-    """The state dict with every LoRA update merged into its weight: the plain model's names."""
-    state = dict(full_state(model))
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            state[f"{name}.weight"] = module.merged_weight().detach().cpu()
-            del state[f"{name}.lora_a"], state[f"{name}.lora_b"]
-    return state
-
-
-def save_training_state(ckpt_root, model, opt, ema, loader, step, run, a):
-    """Weights + everything needed to continue the exact same run, as ckpt_root/step_NNNNNNN.
-
-    Crash-safe: the directory is written complete (weights, config, train_state.pt) under a
-    temporary name, synced, and published by one rename; only then are older checkpoints
-    removed (renamed to *.deleting first, so a half-removed one is never taken for complete).
-    At any instant the newest complete checkpoint is under a step_* name."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    state = full_state(model)
-    opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [None] * run["world"]
-    if run["world"] > 1:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
-    merged = merged_state(model)  # collectives: every rank takes part, rank 0 writes
-    names = [n for n, _ in model.named_parameters()]
-    ema_full = None if ema is None else dict(zip(names, [full_tensor(e).cpu() for e in ema]))
-    if run["rank"] != 0:
-        return
-    os.makedirs(ckpt_root, exist_ok=True)
-    path = os.path.join(ckpt_root, f"step_{step:07d}")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    models.write_checkpoint(model, tmp, norm_stats=run["transforms"][0].norm_stats, extra_files=run["files"],
-                            state_dict=merged)
-    torch.save({"step": step, "optimizer": opt_state, "rng": rngs, "data": loader.state_dict(),
-                "ema": ema_full, "args": vars(a), "weights": state}, os.path.join(tmp, "train_state.pt"))
-    models.crash_point("state-written")
-    models.publish(tmp, path)
-    for old in sorted(glob.glob(os.path.join(ckpt_root, "step_*"))):
-        if old != path and re.fullmatch(r"step_\d+", os.path.basename(old)):
-            os.replace(old, old + ".deleting")
-            models.crash_point("old-renamed")
-            shutil.rmtree(old + ".deleting")
-    for stale in glob.glob(os.path.join(ckpt_root, "*.tmp-*")) + glob.glob(os.path.join(ckpt_root, "*.deleting")):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a crash: never complete, never needed
-
-
-def latest_checkpoint(ckpt_root):
-    """The newest complete checkpoint directory under ckpt_root, or an error saying what is there."""
-    done = sorted(d for d in glob.glob(os.path.join(ckpt_root, "step_*"))
-                  if re.fullmatch(r"step_\d+", os.path.basename(d)))
-    if not done:
-        found = sorted(os.listdir(ckpt_root)) if os.path.isdir(ckpt_root) else []
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_root} (found: {found or 'nothing'})")
-    return done[-1]
-
-
-# What a resumed run must share with the run it continues: these change the math of the run.
-RESUME_MUST_MATCH = ("model", "config", "init", "data", "norm_stats", "tokenizer", "batch_size", "lr", "warmup",
-                     "end_lr_frac", "steps", "weight_decay", "b2", "clip", "ema", "dropout", "freeze", "lora",
-                     "lora_rank", "fast", "knowledge_insulation", "fast_tokenizer", "max_fast_tokens", "chunk", "seed")
-
-
-def check_resume_args(saved, a, path):
-    """A changed knob that shapes the run is an error naming old and new, unless --resume-allow."""
-    allowed = set(filter(None, a.resume_allow.replace("-", "_").split(",")))
-    changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {getattr(a, k)!r}" for k in RESUME_MUST_MATCH
-               if k not in allowed and saved.get(k) != getattr(a, k)]
-    if changed:
-        raise ValueError(f"--resume from {path}: " + "; ".join(changed)
-                         + " (pass --resume-allow NAME,... to continue with the change anyway)")
-
-
-def load_training_state(path, model, opt, ema, loader, rank, a):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
-    check_resume_args(state["args"], a, path)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_model_state_dict(model, state["weights"], options=options)
-    # parameters that never had a gradient (e.g. an insulated VLM) have no AdamW state yet
-    set_optimizer_state_dict(model, opt, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-    if ema is not None:
-        for e, (name, _) in zip(ema, model.named_parameters()):
-            saved = state["ema"][name].to(e.device)
-            if hasattr(e, "device_mesh"):  # FSDP2: keep this rank's shard of the full tensor
-                from torch.distributed.tensor import distribute_tensor
-                saved = distribute_tensor(saved, e.device_mesh, e.placements)
-            e.copy_(saved)
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    loader.load_state_dict(state["data"])
-    return state["step"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_lora_trains_only_adapters_and_merges_exactly():
     sys.path.insert(0, ROOT)
     from pi0 import CONFIGS, Pi0
     from conftest import random_batch
-    from train import LoRALinear, add_lora, merged_state
+    from checkpoints import merged_state
+    from lora import LoRALinear, add_lora
     torch.manual_seed(0)
     model = Pi0(CONFIGS["tiny"])
     model.requires_grad_(False)
