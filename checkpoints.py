@@ -93,7 +93,8 @@ def latest_checkpoint(ckpt_root):
 # What a resumed run must share with the run it continues: these change the math of the run.
 RESUME_MUST_MATCH = ("model", "config", "init", "data", "norm_stats", "tokenizer", "batch_size", "lr", "warmup",
                      "end_lr_frac", "steps", "weight_decay", "b2", "clip", "ema", "dropout", "freeze", "lora",
-                     "lora_rank", "fast", "knowledge_insulation", "fast_tokenizer", "max_fast_tokens", "chunk", "seed")
+                     "lora_rank", "fast", "knowledge_insulation", "fast_tokenizer", "max_fast_tokens", "chunk", "seed",
+                     "rtc_max_delay")
 
 
 def check_resume_args(saved, a, path):

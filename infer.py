@@ -73,13 +73,14 @@ class FastSampler:
         """The part of every denoising step that depends on the time alone, for each Euler time."""
         m, W = self.model, self.cfg.expert.width
         t = torch.tensor(self.times, dtype=torch.float32, device=self.device)
-        conds = m.time_conditioning(t)  # (steps, W) for pi0.5's adaRMS, None for pi0
+        t = torch.cat([t, t.new_zeros(1)])  # and t = 0, real-time chunking's committed steps
+        conds = m.time_conditioning(t)  # (steps + 1, W) for pi0.5's adaRMS, None for pi0
         self.mods = [m.llm.modulations([None, None if conds is None else conds[i:i + 1]], present=[1])
-                     for i in range(self.num_steps)]
+                     for i in range(self.num_steps + 1)]
         if m.state_token:  # pi0: action_time_mlp_in(cat[a, temb]) = a W_a^T + (temb W_t^T + b)
             w_in = m.action_time_mlp_in.weight  # (W, 2W): [actions | time] halves
             self.w_act = w_in[:, :W].contiguous()
-            temb = posemb_sincos(t, W)  # (steps, W), fp32 as in the model
+            temb = posemb_sincos(t, W)  # (steps + 1, W), fp32 as in the model
             self.time_bias = (temb @ w_in[:, W:].float().t() + m.action_time_mlp_in.bias.float())[:, None, None]
 
     def prepare(self, batch, img):
@@ -101,13 +102,14 @@ class FastSampler:
                                    prefix_mask.new_ones(B, C, self.n_state + C)], dim=2)  # (B, C, M)
         self.act_positions = n_valid + self.n_state + torch.arange(C, device=self.device)  # (B, C)
 
-    def embed_actions(self, x, i):
-        """Noisy actions at step i -> action tokens (B, C, W), time folded in (precomputed)."""
+    def embed_actions(self, x, i, free=None):
+        """Noisy actions at step i -> action tokens (B, C, W), time folded in (precomputed).
+        free (B, C, 1): the steps at step i's time; the others are committed, at t = 0."""
         a = self.model.project_actions(x)  # fp32, as in the model
         if not self.n_state:
             return a  # pi0.5: the time enters the norms
-        mlp_out = self.model.action_time_mlp_out
-        return mlp_out(F.silu(F.linear(a, self.w_act) + self.time_bias[i]))
+        bias = self.time_bias[i] if free is None else torch.where(free, self.time_bias[i], self.time_bias[-1])
+        return self.model.action_time_mlp_out(F.silu(F.linear(a, self.w_act) + bias))
 
     def denoise(self, x):
         """The Euler loop over the fixed times: x (B, C, A) noise -> actions, no host sync."""
@@ -116,6 +118,19 @@ class FastSampler:
                                     mods=self.mods[i], cache=self.cache)
             x = x + self.dt * self.model.velocity_from(out)  # (B, C, A), fp32
         return x
+
+    def denoise_committed(self, x, clean, delay):
+        """The Euler loop for a model trained with --rtc-max-delay: the first delay[b] steps are the
+        committed actions, clean, at t = 0 (their time conditioning precomputed too)."""
+        free = (torch.arange(x.shape[1], device=x.device)[None, :] >= delay[:, None])[..., None]  # (B, C, 1)
+        mix = lambda a, b: None if a is None else type(a)(mix(u, v) for u, v in zip(a, b)) \
+            if isinstance(a, (list, tuple)) else torch.where(free, a, b)  # per token: step i's or t = 0's
+        for i in range(self.num_steps):
+            x = torch.where(free, x, clean)
+            _, out = self.model.llm([None, self.embed_actions(x, i, free)], self.act_positions, self.act_mask,
+                                    mods=mix(self.mods[i], self.mods[-1]), cache=self.cache)
+            x = x + self.dt * self.model.velocity_from(out)
+        return torch.where(free, x, clean)
 
     def denoise_guided(self, x, rtc):
         """The Euler loop with real-time chunking's guidance (pi0.RTCGuidance), eager: each step
@@ -151,9 +166,10 @@ class FastSampler:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     @torch.no_grad()
-    def __call__(self, batch, noise=None, rtc=None):
-        """batch as for model.sample_actions -> (B, C, A) normalized actions, fp32. rtc: real-time
-        chunking's guidance (pi0.RTCGuidance), or None."""
+    def __call__(self, batch, noise=None, rtc=None, committed=None):
+        """batch as for model.sample_actions -> (B, C, A) normalized actions, fp32. Real-time
+        chunking: rtc, guidance (pi0.RTCGuidance); committed, (actions, delay) for a model
+        trained with --rtc-max-delay (as in model.sample_actions)."""
         B = batch["state"].shape[0]
         shape = (B, self.cfg.action_horizon, self.cfg.action_dim)
         x = torch.randn(shape, device=self.device) if noise is None else noise.float()
@@ -161,6 +177,8 @@ class FastSampler:
             self.prepare(batch, self.vision_fn(batch["images"]))
             if rtc is not None:
                 return self.denoise_guided(x, rtc)
+            if committed is not None:
+                return self.denoise_committed(x, *committed)
             return self.denoise_graphed(x) if self.cuda_graph else self.denoise_fn(x)
 
 

@@ -209,7 +209,8 @@ class RMSNorm(nn.Module):
             return 1 + self.scale.float(), None, None
         if cond is None:
             raise ValueError("this adaptive RMSNorm needs a conditioning vector (the time embedding)")
-        scale, shift, gate = self.dense(cond)[:, None, :].chunk(3, dim=-1)  # each (B, 1, W)
+        out = self.dense(cond)  # a condition per example (B, C) or per token (B, T, C)
+        scale, shift, gate = (out[:, None, :] if out.dim() == 2 else out).chunk(3, dim=-1)  # each (B, 1 or T, W)
         return 1 + scale.float(), shift.float(), gate
 
     def forward(self, x, mod):  # x: (B, T, W), mod: self.modulation(cond) -> (y, gate)

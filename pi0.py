@@ -75,7 +75,8 @@ CONFIGS = {
 # Flow matching: the time embedding, the training distribution of (noise, t), the straight path
 
 def posemb_sincos(t, width, min_period=4e-3, max_period=4.0):
-    """Sine-cosine embedding of a scalar per example: t (B,) -> (B, width), sin half first.
+    """Sine-cosine embedding of a time per example, or per token: t (B,) or (B, C) -> (..., width),
+    sin half first.
 
     Periods are spaced geometrically from min_period to max_period, so the embedding resolves
     both tiny and large differences of t. Computed in fp32 in openpi's order of operations.
@@ -84,7 +85,7 @@ def posemb_sincos(t, width, min_period=4e-3, max_period=4.0):
         raise ValueError(f"time embedding width must be even, got {width}")
     fraction = torch.linspace(0.0, 1.0, width // 2, dtype=torch.float32, device=t.device)
     period = min_period * (max_period / min_period) ** fraction
-    x = t.float()[:, None] * (1.0 / period * 2 * math.pi)[None, :]  # (B, width/2)
+    x = t.float()[..., None] * (1.0 / period * 2 * math.pi)  # (..., width/2)
     return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)
 
 
@@ -101,9 +102,18 @@ def sample_noise_and_time(shape, generator=None, device=None):
 
 def interpolate(actions, noise, time):
     """The straight path from data (t = 0) to noise (t = 1) and its velocity, openpi's convention:
-    x_t = t * noise + (1 - t) * actions, u_t = dx_t/dt = noise - actions. (B, C, A), time (B,)."""
-    t = time[:, None, None]
+    x_t = t * noise + (1 - t) * actions, u_t = dx_t/dt = noise - actions. (B, C, A); time (B,),
+    or (B, C) per step (training-time real-time chunking)."""
+    t = time[:, None, None] if time.dim() == 1 else time[..., None]
     return t * noise + (1 - t) * actions, noise - actions
+
+
+def committed_prefix_time(time, delay, horizon):
+    """Training-time real-time chunking (Black et al., arXiv 2512.05964): the first delay[b] steps
+    of example b are actions already committed, given clean, at t = 0. time (B,), delay (B,) int
+    -> per-step time (B, C) and the mask (B, C) of the steps still to predict."""
+    free = torch.arange(horizon, device=time.device)[None, :] >= delay[:, None]
+    return torch.where(free, time[:, None], torch.zeros_like(time[:, None])), free
 
 
 def valid_steps(batch):
@@ -154,14 +164,15 @@ class Pi0(nn.Module):
     def embed_suffix(self, state, x_t, t):
         """State token + action tokens fused with time.
 
-        state (B, A), x_t (B, C, A), t (B,) -> tokens (B, 1 + C, W), input mask (B, 1 + C),
-        ar mask (1 + C,), adaRMS condition (None for pi0).
+        state (B, A), x_t (B, C, A), t (B,) or per token (B, C) -> tokens (B, 1 + C, W), input
+        mask (B, 1 + C), ar mask (1 + C,), adaRMS condition (None for pi0).
         """
         B, C, _ = x_t.shape
         state_token = self.embed_state(state)  # (B, 1, W)
         actions = self.project_actions(x_t)  # (B, C, W)
-        time_emb = posemb_sincos(t, actions.shape[-1]).to(actions.dtype)  # (B, W)
-        h = torch.cat([actions, time_emb[:, None, :].expand(B, C, -1)], dim=-1)  # (B, C, 2W)
+        time_emb = posemb_sincos(t, actions.shape[-1]).to(actions.dtype)  # (B, W) or (B, C, W)
+        time_emb = time_emb if t.dim() == 2 else time_emb[:, None, :].expand(B, C, -1)
+        h = torch.cat([actions, time_emb], dim=-1)  # (B, C, 2W)
         h = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(h)))  # swish in between only
         tokens = torch.cat([state_token, h], dim=1)
         mask = torch.ones(B, 1 + C, dtype=torch.bool, device=x_t.device)
@@ -224,33 +235,45 @@ class Pi0(nn.Module):
                                  conds=[None, cond])
         return self.velocity_from(suffix_out)
 
-    def flow_error(self, batch, v_t, u_t):
-        """(v - u)^2 per example and step, (B, C): openpi's mean over all action dims. Padded dims
-        stay in (their target is 0, as in openpi): the sampler integrates every dim, and a dim
-        whose velocity was never trained drifts off the path it had in training and corrupts the
-        real dims through the attention (a tiny pi0.5 on the built-in task: 24-30% success with
-        padded dims left out of the loss). Padded *steps* (batch["action_masks"] all False on
-        that step, past the episode's end) give 0."""
-        err = (v_t - u_t).pow(2).mean(-1)  # (B, C)
-        return err * valid_steps(batch) if "action_masks" in batch else err
+    def flow_error(self, v_t, u_t, steps):
+        """(v - u)^2 per example and step, (B, C), on the steps that count: openpi's mean over all
+        action dims. Padded dims stay in (their target is 0, as in openpi): the sampler integrates
+        every dim, and a dim whose velocity was never trained drifts off the path it had in
+        training and corrupts the real dims through the attention (a tiny pi0.5 on the built-in
+        task: 24-30% success with padded dims left out of the loss). Padded *steps*
+        (batch["action_masks"] all False on that step, past the episode's end) give 0."""
+        return (v_t - u_t).pow(2).mean(-1) * steps  # (B, C)
 
-    def compute_loss(self, batch, noise=None, time=None):
-        """The flow-matching loss, per example and step: {"flow": (B, C)} (openpi's compute_loss).
-        noise (B, C, A) and time (B,) can be given (tests, train.py); otherwise they are drawn."""
+    def flow_inputs(self, batch, noise, time, delay):
+        """(x_t, u_t, per-step time or time, the steps that count (B, C)) for the flow loss.
+        delay (B,) int: training-time real-time chunking, the first delay[b] steps are given clean
+        at t = 0 and leave the loss."""
         actions = batch["actions"]
         if noise is None or time is None:
             noise, time = sample_noise_and_time(actions.shape, device=actions.device)
+        steps = valid_steps(batch) if "action_masks" in batch else torch.ones(actions.shape[:2], device=actions.device)
+        if delay is not None:
+            time, free = committed_prefix_time(time, delay, actions.shape[1])
+            steps = steps * free
         x_t, u_t = interpolate(actions, noise, time)
-        return {"flow": self.flow_error(batch, self.velocity(batch, x_t, time), u_t)}
+        return x_t, u_t, time, steps
 
-    def forward(self, batch, noise=None, time=None):
+    def compute_loss(self, batch, noise=None, time=None, delay=None):
+        """The flow-matching loss, per example and step: {"flow": (B, C), "flow_steps": (B, C) the
+        steps that count} (openpi's compute_loss). noise (B, C, A) and time (B,) can be given
+        (tests, train.py); otherwise they are drawn. delay: see flow_inputs."""
+        x_t, u_t, t, steps = self.flow_inputs(batch, noise, time, delay)
+        return {"flow": self.flow_error(self.velocity(batch, x_t, t), u_t, steps), "flow_steps": steps}
+
+    def forward(self, batch, noise=None, time=None, delay=None):
         """Training entry point: a dict of scalar losses; "loss" is the one to minimise.
 
         Each term of compute_loss is a mean over its valid entries: "flow" over the action steps
-        of batch["action_masks"] (all steps without it), "ce" (pi0.5) over batch["target_masks"].
+        of batch["action_masks"] (all steps without it, and not a committed prefix), "ce" (pi0.5)
+        over batch["target_masks"].
         """
-        per = self.compute_loss(batch, noise, time)
-        steps = valid_steps(batch) if "action_masks" in batch else torch.ones_like(per["flow"])
+        per = self.compute_loss(batch, noise, time, delay)
+        steps = per["flow_steps"]
         losses = {"flow": per["flow"].sum() / steps.sum().clamp(min=1)}
         losses["loss"] = losses["flow"]
         if "ce" in per:  # pi0.5 co-training: the weighted sum of both terms
@@ -303,11 +326,13 @@ class Pi0(nn.Module):
         return flops, weights
 
     @torch.no_grad()
-    def sample_actions(self, batch, noise=None, num_steps=10, rtc=None):
+    def sample_actions(self, batch, noise=None, num_steps=10, rtc=None, committed=None):
         """Integrate the velocity from noise (t = 1) to actions (t = 0): (B, C, A), normalized.
 
-        The loop runs over Python floats, so no step waits on the device. rtc: real-time
-        chunking's guidance toward the actions already committed (RTCGuidance), or None.
+        The loop runs over Python floats, so no step waits on the device. Real-time chunking:
+        rtc guides toward the actions already committed (RTCGuidance, inference-time); committed
+        = (actions (B, C, A), delay (B,)) gives a model trained with --rtc-max-delay its first
+        delay[b] steps clean at t = 0, as in training, and returns them unchanged.
         """
         B = batch["state"].shape[0]
         device = batch["state"].device
@@ -315,16 +340,24 @@ class Pi0(nn.Module):
         x = torch.randn(shape, device=device) if noise is None else noise.float()
         prefix_mask, cache = self.prefill(batch)
         times, dt = euler_times(num_steps)
+        if committed is not None:
+            if rtc is not None:
+                raise ValueError("give either rtc (guidance) or committed (a model trained for it), not both")
+            clean, delay = committed
+            free = torch.arange(shape[1], device=device)[None, :] >= delay[:, None]  # (B, C)
         for t in times:
             t_batch = torch.full((B,), t, dtype=torch.float32, device=device)
-            if rtc is None:
+            if committed is not None:
+                x = torch.where(free[..., None], x, clean)
+                v = self.denoise_step(batch["state"], prefix_mask, cache, x, torch.where(free, t_batch[:, None], 0.0))
+            elif rtc is None:
                 v = self.denoise_step(batch["state"], prefix_mask, cache, x, t_batch)
             else:  # each guided step gets its own copy of the prefix cache: autograd runs through it
                 step = lambda x_: self.denoise_step(batch["state"], prefix_mask, cache.prefix(cache.length,
                                                     1 + self.cfg.action_horizon, detach=True), x_, t_batch)
                 v = rtc.guided_velocity(step, x, t)
             x = x + dt * v
-        return x
+        return x if committed is None else torch.where(free[..., None], x, clean)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fast_tokenizer import fast_to_paligemma
 from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, KVCache, make_attn_mask, make_positions
-from pi0 import Pi0, Pi0Config, interpolate, pad_tokens, posemb_sincos, sample_noise_and_time
+from pi0 import Pi0, Pi0Config, pad_tokens, posemb_sincos
 from pi0 import tokenize_prompt as tokenize_prompt_pi0
 
 
@@ -73,7 +73,8 @@ class Pi05(Pi0):
         self.time_mlp_out = nn.Linear(W, W)
 
     def time_conditioning(self, t):
-        """t (B,) -> the adaRMS condition (B, W): a two-layer MLP on the sin-cos embedding."""
+        """t (B,) or per token (B, C) -> the adaRMS condition (B, W) or (B, C, W): a two-layer MLP on
+        the sin-cos embedding (a condition per token is real-time chunking's committed prefix at t = 0)."""
         cond = posemb_sincos(t, self.cfg.expert.width)  # (B, W), fp32
         return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(cond))))  # swish after both
 
@@ -81,15 +82,16 @@ class Pi05(Pi0):
         """Action tokens only; time becomes the adaRMS condition. state is unused (it is text)."""
         B, C, _ = x_t.shape
         tokens = self.project_actions(x_t)  # (B, C, W)
-        cond = self.time_conditioning(t)  # (B, W)
+        cond = self.time_conditioning(t)  # (B, W), or (B, C, W) per token
         mask = torch.ones(B, C, dtype=torch.bool, device=x_t.device)
         ar = torch.tensor([1] + [0] * (C - 1), dtype=torch.bool, device=x_t.device)
         return tokens, mask, ar, cond
 
     # -- training with knowledge insulation ----------------------------------------------------
 
-    def compute_loss(self, batch, noise=None, time=None):
-        """pi0.5's losses per element: {"flow": (B, C)} and, with discrete targets, "ce": (B, D).
+    def compute_loss(self, batch, noise=None, time=None, delay=None):
+        """pi0.5's losses per element: {"flow": (B, C), "flow_steps"} and, with discrete targets,
+        "ce": (B, D). delay: training-time real-time chunking (Pi0.flow_inputs).
 
         batch may carry discrete targets that follow the prompt: "target_tokens" (B, D) int64
         (FAST action tokens in the PaliGemma vocabulary, or a text answer) with "target_masks"
@@ -115,12 +117,9 @@ class Pi05(Pi0):
         if has_targets:
             per["ce"] = self.target_nll(vlm_out, prefix_mask, targets) * target_masks
         cache = vlm_cache.prefix(P, room=self.cfg.action_horizon, detach=self.cfg.knowledge_insulation)
-        actions = batch["actions"]
-        if noise is None or time is None:
-            noise, time = sample_noise_and_time(actions.shape, device=actions.device)
-        x_t, u_t = interpolate(actions, noise, time)
-        per["flow"] = self.flow_error(batch, self.denoise_step(batch.get("state"), prefix_mask, cache, x_t, time), u_t)
-        return per
+        x_t, u_t, t, steps = self.flow_inputs(batch, noise, time, delay)
+        v_t = self.denoise_step(batch.get("state"), prefix_mask, cache, x_t, t)
+        return dict(per, flow=self.flow_error(v_t, u_t, steps), flow_steps=steps)
 
     def target_nll(self, vlm_out, prefix_mask, targets):
         """Next-token cross-entropy of each target token, (B, D).

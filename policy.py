@@ -71,10 +71,11 @@ class Policy:
             image_size=cfg.vision.image_size)
         self.valid = None  # pi0-FAST: per example, whether the answer decoded to a real chunk
 
-    def sample_readable(self, batch, noise=None, rtc=None):
+    def sample_readable(self, batch, noise=None, rtc=None, committed=None):
         """pi0 / pi0.5: the model's own sample_actions (pi0.py), in the serving precision."""
         with self.autocast():
-            return self.model.sample_actions(batch, noise=noise, num_steps=self.num_steps, rtc=rtc)
+            return self.model.sample_actions(batch, noise=noise, num_steps=self.num_steps, rtc=rtc,
+                                             committed=committed)
 
     def sample_fast(self, batch, noise=None):
         """pi0-FAST: greedy tokens -> action chunks. An answer that does not decode is flagged in
@@ -92,12 +93,11 @@ class Policy:
                         f"decode to action chunks; their actions are a best effort (Policy.valid is False there)")
         return torch.from_numpy(np.stack([a for a, _ in out]))
 
-    def rtc_guidance(self, observations, prev_actions, delay, execution_horizon, beta=5.0, jacobian="full"):
-        """Real-time chunking: the previous chunks (B, C, A_robot), as the robot got them, ->
-        pi0.RTCGuidance toward their leftover prev[s:]. The leftover is re-expressed the way the
-        model's actions are (deltas against the *new* observation's state, normalized, padded);
-        padded dims get no guidance."""
-        from pi0 import RTCGuidance, rtc_mask
+    def rtc_leftover(self, observations, prev_actions, delay, execution_horizon):
+        """Real-time chunking: the previous chunks (B, C, A_robot), as the robot got them -> their
+        leftover prev[s:] aligned with the new chunk, in the model's space (deltas against the
+        *new* observation's state, normalized, padded), (B, C, A_model); held at the last action
+        past the overlap."""
         cfg, s, d = self.model.cfg, execution_horizon, delay
         C, A = cfg.action_horizon, self.settings["action_dim"]
         if execution_horizon is None:
@@ -116,9 +116,17 @@ class Policy:
             leftover = np.stack([data.delta_actions(a, st, self.settings["delta_mask"])
                                  for a, st in zip(leftover, states)])
         target = data.pad_last(self.transforms._normalize(leftover, "actions"), cfg.action_dim)[0]
-        dims = (np.arange(cfg.action_dim) < A).astype(np.float32)
-        weights = (rtc_mask(C, d, C - s)[:, None] * torch.from_numpy(dims))[None]  # (1, C, A)
-        return RTCGuidance(torch.from_numpy(target).to(self.device), weights.to(self.device), beta, jacobian)
+        return torch.from_numpy(target).to(self.device)
+
+    def rtc_guidance(self, observations, prev_actions, delay, execution_horizon, beta=5.0, jacobian="full"):
+        """Inference-time real-time chunking: pi0.RTCGuidance toward the leftover (rtc_leftover),
+        with the paper's soft mask; padded dims get no guidance."""
+        from pi0 import RTCGuidance, rtc_mask
+        cfg, A = self.model.cfg, self.settings["action_dim"]
+        target = self.rtc_leftover(observations, prev_actions, delay, execution_horizon)
+        dims = torch.from_numpy((np.arange(cfg.action_dim) < A).astype(np.float32))
+        weights = (rtc_mask(cfg.action_horizon, delay, cfg.action_horizon - execution_horizon)[:, None] * dims)[None]
+        return RTCGuidance(target, weights.to(self.device), beta, jacobian)
 
     def infer_batch(self, observations, noise=None, prev_actions=None, delay=0, execution_horizon=None, **rtc):
         """A list of observations -> (N, C, A_robot) float32 actions. With prev_actions (the
@@ -134,8 +142,18 @@ class Policy:
         else:
             if self.sample == self.sample_fast:
                 raise ValueError("real-time chunking guides a flow-matching sampler: pi0 or pi0.5, not pi0-FAST")
-            guidance = self.rtc_guidance(observations, prev_actions, delay, execution_horizon, **rtc)
-            actions = self.sample(batch, noise, rtc=guidance).cpu().numpy()
+            trained = self.settings.get("rtc_max_delay", 0)
+            if trained and not rtc.get("guided"):  # trained for it: the committed steps, clean, at t = 0
+                if delay > trained:
+                    raise ValueError(f"delay {delay} exceeds the {trained} steps this checkpoint was trained to "
+                                     f"continue (--rtc-max-delay); pass guided=True for guidance instead")
+                clean = self.rtc_leftover(observations, prev_actions, delay, execution_horizon)
+                committed = (clean, torch.full((len(observations),), delay, device=self.device))
+                actions = self.sample(batch, noise, committed=committed).cpu().numpy()
+            else:
+                rtc.pop("guided", None)
+                guidance = self.rtc_guidance(observations, prev_actions, delay, execution_horizon, **rtc)
+                actions = self.sample(batch, noise, rtc=guidance).cpu().numpy()
         A = self.settings["action_dim"]
         actions = data.unnormalize(actions[..., :A], self.transforms.norm_stats["actions"],
                                    self.settings["use_quantiles"])

@@ -483,12 +483,15 @@ def record_demos(out, episodes, seed=DEMO_SEED, progress=True):
     return successes
 
 
-def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=False):
+def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=False, methods=None):
     """The latency study: for each delay d (execution horizon s = max(d, 1), the RTC paper's
-    protocol), naive switching against real-time chunking's guidance. -> rows of results."""
+    protocol), naive switching against real-time chunking: "rtc", inference-time guidance;
+    "trained", a checkpoint trained with --rtc-max-delay continuing the committed steps.
+    -> rows of results."""
+    methods = methods or {"naive": None, "rtc": {"beta": beta}}
     rows = []
     for d in delays:
-        for method, rtc in (("naive", None), ("rtc", {"beta": beta})):
+        for method, rtc in methods.items():
             r = evaluate(policy, "builtin", episodes, seed, max(d, 1), delay=d, rtc=rtc, progress=progress)
             rows.append(dict(delay=d, s=max(d, 1), method=method, success_rate=r["success_rate"], ci95=r["ci95"],
                              mean_length=r["mean_length"], mean_jump=r["mean_jump"]))
@@ -505,13 +508,13 @@ def plot_sweep(rows, path):
     img = Image.new("RGB", (2 * W, H), "white")
     draw = ImageDraw.Draw(img)
     delays = sorted({r["delay"] for r in rows})
-    colours = {"naive": (214, 39, 40), "rtc": (31, 119, 180)}
+    colours = {"naive": (214, 39, 40), "rtc": (31, 119, 180), "trained": (44, 160, 44)}
     jumps = [r["mean_jump"] for r in rows if r["mean_jump"] is not None] or [1.0]
     for panel, (key, top, title) in enumerate((("success_rate", 1.0, "success"), ("mean_jump", max(jumps), "jump at switches"))):
         x0 = panel * W
         draw.rectangle([x0 + pad, pad, x0 + W - pad, H - pad], outline=(180, 180, 180))
         draw.text((x0 + pad, 10), f"{title} vs delay d (0 to {delays[-1]}); max {top:.2f}", fill="black")
-        for m, colour in colours.items():
+        for m, colour in [(m, c) for m, c in colours.items() if any(r["method"] == m for r in rows)]:
             pts = [(x0 + pad + r["delay"] / max(1, delays[-1]) * (W - 2 * pad), H - pad - r[key] / top * (H - 2 * pad))
                    for r in rows if r["method"] == m and r[key] is not None]
             if len(pts) > 1:
@@ -543,6 +546,9 @@ def cmd_rtc(args):
     out = Path(args.out or args.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     rows = rtc_sweep(Policy(args.checkpoint, fast=True), args.delays, args.episodes, args.beta)
+    if args.trained_checkpoint:  # trained with --rtc-max-delay: the committed steps continued
+        rows += rtc_sweep(Policy(args.trained_checkpoint, fast=True), args.delays, args.episodes,
+                          methods={"trained": {}})
     (out / "rtc.json").write_text(json.dumps(rows, indent=2))
     print(f"wrote {out / 'rtc.json'} and {plot_sweep(rows, out / 'rtc.png')}")
 
@@ -589,6 +595,7 @@ def main(argv=None):
     sw.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 3], help="inference delays d, in steps")
     sw.add_argument("--episodes", type=int, default=100)
     sw.add_argument("--beta", type=float, default=5.0, help="guidance weight cap (the paper's 5)")
+    sw.add_argument("--trained-checkpoint", default=None, help="the same model trained with --rtc-max-delay")
     sw.add_argument("--out", default=None, help="folder for rtc.json and rtc.png (default: the checkpoint's)")
     ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
     ev.add_argument("--checkpoint", help="checkpoint directory (policy.Policy)")

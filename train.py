@@ -73,6 +73,9 @@ p.add_argument("--knowledge-insulation", type=int, default=0,
 p.add_argument("--fast-tokenizer", default=None, help="FAST tokenizer file or HF dir (default: fit one on the data)")
 p.add_argument("--max-fast-tokens", type=int, default=128, help="pi0.5: most FAST target slots per sample (fewer if the data needs fewer)")
 p.add_argument("--chunk", type=int, default=None, help="action horizon C (default: the config's)")
+p.add_argument("--rtc-max-delay", type=int, default=0,
+               help="training-time real-time chunking: a committed prefix of 0..D steps, given clean at t = 0 "
+                    "(pi0 / pi0.5; 0 = off)")
 p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
 p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
 p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
@@ -126,6 +129,7 @@ def validate_args(a):
     need(a.knowledge_insulation in (0, 1), "--knowledge-insulation", "must be 0 or 1")
     need(a.max_fast_tokens >= 2, "--max-fast-tokens", "must be >= 2 (the FAST tokens, then '|' and EOS)")
     need(a.chunk is None or a.chunk >= 1, "--chunk", "must be >= 1")
+    need(a.rtc_max_delay >= 0, "--rtc-max-delay", "must be >= 0 (0 = off)")
     need(a.stop_after is None or a.stop_after >= 1, "--stop-after", "must be >= 1")
     need(set(filter(None, a.freeze.split(","))) <= {"vision", "llm"}, "--freeze", "a comma list of vision, llm")
     need(set(filter(None, a.lora.split(","))) <= {"llm", "expert"}, "--lora", "a comma list of llm, expert")
@@ -278,6 +282,9 @@ def build_data(a, cfg, rank, world, ddp, out):
     spec = models.model_file(cfg.model)
     transforms = make_transforms(a, cfg, datasets, roots, sp)
     fast, terms = None, {"flow": "action_masks"}
+    if a.rtc_max_delay and not (spec.FLOW and a.rtc_max_delay < cfg.action_horizon):
+        raise ValueError(f"--rtc-max-delay {a.rtc_max_delay}: needs a flow-matching model (pi0, pi05) and a "
+                         f"delay below the action horizon {cfg.action_horizon}")
     if not spec.FLOW:  # pi0-FAST: the answer tokens are the prompt's causal postfix
         fast = fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out)
         cfg = dataclasses.replace(cfg, fast_vocab_size=fast.vocab_size, action_dim=int(datasets[0].actions.shape[1]))
@@ -365,18 +372,27 @@ def draw_noise_and_time(step, global_batch, shape, seed, device):
     return noise.to(device), time_.to(device)
 
 
-def loss_shares(batch, terms, grad_accum, device, ddp):
+def draw_delays(step, global_batch, max_delay, seed, device):
+    """Training-time real-time chunking: a committed-prefix length per sample, uniform on
+    {0, ..., max_delay} (0 keeps plain flow matching in the mix), a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777_777)  # apart from the noise's
+    return torch.randint(0, max_delay + 1, (global_batch,), generator=g).to(device)
+
+
+def loss_shares(batch, terms, grad_accum, device, ddp, free=None):
     """Each loss term is a mean over its own valid entries (action steps for "flow", target
     tokens for "ce"). Weigh each micro-batch's term by its share of that term's valid entries
     in the whole global batch: the gradients (which DDP averages over ranks) are then exactly
     those of one mean over the global batch, whatever the padding on each rank.
-    -> {term: (grad_accum,) shares}."""
+    free (B, C): the steps not committed (training-time real-time chunking) -> {term: (grad_accum,) shares}."""
     shares = {}
     for term, key in terms.items():  # key None: the term is a mean over examples
         if key is None:
             per_example = torch.ones(len(batch["state"]), device=device)
         else:  # flow counts valid steps (every dim of one weighs the same), ce valid tokens
             mask = batch[key].any(-1) if key == "action_masks" else batch[key]
+            if key == "action_masks" and free is not None:
+                mask = mask & free
             per_example = mask.flatten(1).sum(1).float()
         counts = per_example.view(grad_accum, -1).sum(1)
         total = counts.sum()
@@ -391,11 +407,15 @@ def train_step(a, step, model, batch, terms, weights, flow, ctx):
     share of the global mean, "loss"}. The optimizer step is the caller's."""
     ddp, world, rank, device, autocast = ctx["ddp"], ctx["world"], ctx["rank"], ctx["device"], ctx["autocast"]
     cfg = ctx["cfg"]
+    delay = free = None
     if flow:
         noise, time_ = draw_noise_and_time(step, a.batch_size, (cfg.action_horizon, cfg.action_dim), a.seed, device)
         # this rank's rows of the global batch (data.Loader interleaves samples across ranks)
         noise, time_ = noise[rank::world], time_[rank::world]
-    shares = loss_shares(batch, terms, a.grad_accum, device, ddp)
+        if a.rtc_max_delay:
+            delay = draw_delays(step, a.batch_size, a.rtc_max_delay, a.seed, device)[rank::world]
+            free = torch.arange(cfg.action_horizon, device=device)[None, :] >= delay[:, None]
+    shares = loss_shares(batch, terms, a.grad_accum, device, ddp, free)
     micro = len(batch["state"]) // a.grad_accum
     sums = {}
     for m in range(a.grad_accum):
@@ -403,7 +423,10 @@ def train_step(a, step, model, batch, terms, weights, flow, ctx):
         mb = {k: v[part] for k, v in batch.items()}
         sync = m == a.grad_accum - 1 or not ddp or a.fsdp
         with (model.no_sync() if not sync else contextlib.nullcontext()), autocast:
-            losses = model(mb, noise=noise[part], time=time_[part]) if flow else model(mb)
+            if not flow:
+                losses = model(mb)
+            else:
+                losses = model(mb, noise=noise[part], time=time_[part], delay=None if delay is None else delay[part])
             objective = sum(weights[t] * losses[t] * shares[t][m] for t in shares)
         (objective * world).backward()
         for t in shares:
@@ -446,6 +469,7 @@ def export(path, model, ema, run, dataset):
                 p_.copy_(e)
     transforms = run["transforms"][0]
     policy = {"cameras": list(transforms.cameras), "use_quantiles": transforms.use_quantiles, "delta_mask": None,
+              "rtc_max_delay": run["rtc_max_delay"],
               "action_dim": int(dataset.actions.shape[1]), "state_dim": int(dataset.state.shape[1])}
     merged = merged_state(model)
     if run["rank"] == 0:
@@ -549,7 +573,8 @@ def main(a):
                autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"))
     fast_files = [] if fast is None else [a.fast_tokenizer if a.fast_tokenizer and os.path.isfile(a.fast_tokenizer)
                                           else os.path.join(out, "fast_tokenizer.json")]
-    run = dict(rank=rank, world=world, transforms=transforms, files=[tok_path] + fast_files)
+    run = dict(rank=rank, world=world, transforms=transforms, files=[tok_path] + fast_files,
+               rtc_max_delay=a.rtc_max_delay)
     step = 0
     if a.resume:
         resume_from = latest_checkpoint(ckpt_dir)

@@ -185,3 +185,85 @@ def test_real_time_chunker_bookkeeping_of_delay_and_horizon():
     assert calls[2]["delay"] == 3 and calls[2]["execution_horizon"] in (3, 4)  # 4 if tick 5 came first
     go.release()
     chunker.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training-time real-time chunking (--rtc-max-delay): a committed prefix, clean, at t = 0
+
+@pytest.mark.parametrize("module", [pi0, pi05], ids=["pi0", "pi05"])
+def test_committed_prefix_is_clean_at_time_zero_and_out_of_the_loss(module):
+    model = tiny(module)
+    batch = random_batch(model.cfg, B=2)
+    C = model.cfg.action_horizon
+    noise, time = torch.randn_like(batch["actions"]), torch.tensor([0.7, 0.4])
+    delay = torch.tensor([2, 0])
+    x_t, _, t, steps = model.flow_inputs(batch, noise, time, delay)
+    assert torch.equal(x_t[0, :2], batch["actions"][0, :2]) and t[0, :2].eq(0).all() and t[0, 2:].eq(0.7).all()
+    assert steps[0, :2].eq(0).all() and steps[1].eq(1).all()
+    per = model.compute_loss(batch, noise, time, delay)
+    assert per["flow"][0, :2].eq(0).all()
+    plain = model.compute_loss(batch, noise, time)["flow"]
+    torch.testing.assert_close(per["flow"][1], plain[1])  # d = 0: the standard loss
+    loss = model(batch, noise, time, delay=delay)["flow"]
+    torch.testing.assert_close(loss, per["flow"].sum() / (2 * C - 2))  # a mean over the free steps
+
+
+def test_per_token_time_constant_over_tokens_equals_the_scalar_time():
+    model = tiny(pi05)
+    batch = random_batch(model.cfg, B=2, actions=False)
+    prefix_mask, cache = model.prefill(batch)
+    x = torch.randn(2, model.cfg.action_horizon, model.cfg.action_dim)
+    t = torch.tensor([0.3, 0.9])
+    a = model.denoise_step(None, prefix_mask, cache, x, t)
+    b = model.denoise_step(None, prefix_mask, cache, x, t[:, None].expand(-1, model.cfg.action_horizon))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", [pi0, pi05], ids=["pi0", "pi05"])
+def test_sampling_continues_the_committed_steps_and_the_fast_sampler_agrees(module):
+    model = tiny(module)
+    C, A = model.cfg.action_horizon, model.cfg.action_dim
+    batch = random_batch(model.cfg, B=2, actions=False)
+    noise = torch.randn(2, C, A, generator=torch.Generator().manual_seed(4))
+    clean = torch.randn(2, C, A, generator=torch.Generator().manual_seed(5))
+    delay = torch.tensor([3, 1])
+    out = model.sample_actions(batch, noise=noise, committed=(clean, delay))
+    assert torch.equal(out[0, :3], clean[0, :3]) and torch.equal(out[1, :1], clean[1, :1])
+    torch.testing.assert_close(infer.FastSampler(model)(batch, noise, committed=(clean, delay)), out, rtol=0, atol=1e-5)
+    zero = model.sample_actions(batch, noise=noise, committed=(clean, torch.zeros(2, dtype=torch.long)))
+    torch.testing.assert_close(zero, model.sample_actions(batch, noise=noise), rtol=0, atol=1e-6)
+
+
+def test_training_with_a_committed_prefix_exports_a_policy_that_continues_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import data
+    from conftest import ROOT, train_tiny_sentencepiece
+    from policy import Policy
+    from readers import open_dataset, write_hdf5_episode
+    rng = np.random.default_rng(0)
+    for e in range(2):
+        write_hdf5_episode(tmp_path / f"ep{e}.hdf5", rng.normal(size=(12, 3)), rng.normal(size=(12, 2)),
+                           {"top": rng.integers(0, 255, (12, 56, 56, 3), dtype=np.uint8)}, prompt="reach", fps=10)
+    data.save_norm_stats(data.compute_norm_stats(open_dataset(tmp_path, chunk_size=6), progress=False),
+                         tmp_path / "norm_stats.json")
+    sp = train_tiny_sentencepiece(["reach the ball", "go to the blue square"] * 40, vocab_size=300)
+    (tmp_path / "tokenizer.model").write_bytes(sp.serialized_model_proto())
+    res = subprocess.run([sys.executable, "train.py", "--model", "pi05", "--data", str(tmp_path), "--steps", "3",
+                          "--batch-size", "4", "--warmup", "1", "--eval-episodes", "0", "--rtc-max-delay", "2",
+                          "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "policy.json").read_text())["rtc_max_delay"] == 2
+    policy = Policy(final, fast=True)
+    obs = {"images": {"top": rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)}, "state": np.zeros(3, np.float32),
+           "prompt": "reach"}
+    prev = rng.normal(size=(1, 6, 2)).astype(np.float32)
+    out = policy.infer_batch([obs], prev_actions=prev, delay=2, execution_horizon=2)
+    np.testing.assert_allclose(out[0, :2], prev[0, 2:4], atol=1e-4)  # the committed steps, unchanged
+    with pytest.raises(ValueError, match="delay 3 exceeds the 2 steps"):
+        policy.infer_batch([obs], prev_actions=prev, delay=3, execution_horizon=3)
