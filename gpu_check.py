@@ -20,6 +20,7 @@ prints a short table. Only the project's own files and the machine's torch are n
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -94,8 +95,7 @@ def inference_inputs(model, device, B=1, views=3, prompt_len=48, seed=0):
 
 def flow_inference(name, args, device, dtype, peaks, budget):
     """Eager, compiled, compiled + CUDA graph: per-phase times, TFLOP/s, GB/s, action agreement."""
-    cfg = bench_config(name, args.config)
-    cfg.cameras = tuple(f"cam{i}" for i in range(3))
+    cfg = dataclasses.replace(bench_config(name, args.config), cameras=tuple(f"cam{i}" for i in range(3)))
     model = fill_random_(models.build_empty(cfg, dtype, device)).eval()
     batch, noise = inference_inputs(model, device)
     P = 3 * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
@@ -134,8 +134,7 @@ def flow_inference(name, args, device, dtype, peaks, budget):
 
 def fast_inference(args, device, dtype, budget):
     """pi0-FAST: prefill (vision + prefix + first token) and ms per decoded token."""
-    cfg = bench_config("pi0_fast", args.config)
-    cfg.cameras = tuple(f"cam{i}" for i in range(3))
+    cfg = dataclasses.replace(bench_config("pi0_fast", args.config), cameras=tuple(f"cam{i}" for i in range(3)))
     model = fill_random_(models.build_empty(cfg, dtype, device)).eval()
     with torch.no_grad():
         model.llm.embed.weight[1].zero_()  # EOS's logit 0: a random model decodes every token
@@ -169,11 +168,8 @@ def training_batch(cfg, B, device, seed=0):
 
 def train_model(args, device, checkpointing=True, fsdp=False, dropout=0.1):
     """Full pi0.5 as train.py trains it: fp32 masters, per-layer activation checkpointing."""
-    import dataclasses
-
     from train import checkpointed
-    cfg = dataclasses.replace(bench_config("pi05", args.config), dropout=dropout)
-    cfg.cameras = tuple(f"cam{i}" for i in range(3))
+    cfg = dataclasses.replace(bench_config("pi05", args.config), dropout=dropout, cameras=tuple(f"cam{i}" for i in range(3)))
     model = fill_random_(models.build_empty(cfg, torch.float32, device))
     layers = list(model.vision.blocks) + list(model.llm.layers)
     if checkpointing:

@@ -15,6 +15,7 @@ M keys the action tokens attend to.
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -240,9 +241,8 @@ def bench_setup(args):
     if args.checkpoint:
         model = models.load(args.checkpoint, device, dtype).eval()
     else:
-        cfg = bench_config(args.model, args.config)
-        cfg.cameras = tuple(f"cam{i}" for i in range(args.views))
-        cfg.max_token_len = args.prompt_len
+        cfg = dataclasses.replace(bench_config(args.model, args.config), max_token_len=args.prompt_len,
+                                  cameras=tuple(f"cam{i}" for i in range(args.views)))  # the preset stays as it is
         model = fill_random_(models.build_empty(cfg, dtype, device)).eval()
     cfg = model.cfg
     flow = models.model_file(cfg.model).FLOW
