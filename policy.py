@@ -128,6 +128,21 @@ class Policy:
         weights = (rtc_mask(cfg.action_horizon, delay, cfg.action_horizon - execution_horizon)[:, None] * dims)[None]
         return RTCGuidance(target, weights.to(self.device), beta, jacobian)
 
+    def realtime(self, observations, prev_actions, delay, execution_horizon, guided=False, **guidance):
+        """How the sampler continues the previous chunks: a checkpoint trained with --rtc-max-delay
+        is given the committed steps (clean, at t = 0); any other (or guided=True) is guided
+        toward them (guidance: beta, jacobian). -> the sampler's keyword arguments."""
+        if self.sample == self.sample_fast:
+            raise ValueError("real-time chunking needs a flow-matching sampler: pi0 or pi0.5, not pi0-FAST")
+        trained = self.settings.get("rtc_max_delay", 0)
+        if not trained or guided:
+            return {"rtc": self.rtc_guidance(observations, prev_actions, delay, execution_horizon, **guidance)}
+        if delay > trained:
+            raise ValueError(f"delay {delay} exceeds the {trained} steps this checkpoint was trained to continue "
+                             f"(--rtc-max-delay); pass guided=True for guidance instead")
+        clean = self.rtc_leftover(observations, prev_actions, delay, execution_horizon)
+        return {"committed": (clean, torch.full((len(observations),), delay, device=self.device))}
+
     def infer_batch(self, observations, noise=None, prev_actions=None, delay=0, execution_horizon=None, **rtc):
         """A list of observations -> (N, C, A_robot) float32 actions. With prev_actions (the
         previous chunks), the delay d and the execution horizon s, sampling is guided toward the
@@ -137,23 +152,8 @@ class Policy:
         batch = {k: v.to(self.device) for k, v in data.collate(samples).items()}
         if noise is not None:
             noise = torch.as_tensor(noise, dtype=torch.float32, device=self.device)
-        if prev_actions is None:
-            actions = self.sample(batch, noise).cpu().numpy()
-        else:
-            if self.sample == self.sample_fast:
-                raise ValueError("real-time chunking guides a flow-matching sampler: pi0 or pi0.5, not pi0-FAST")
-            trained = self.settings.get("rtc_max_delay", 0)
-            if trained and not rtc.get("guided"):  # trained for it: the committed steps, clean, at t = 0
-                if delay > trained:
-                    raise ValueError(f"delay {delay} exceeds the {trained} steps this checkpoint was trained to "
-                                     f"continue (--rtc-max-delay); pass guided=True for guidance instead")
-                clean = self.rtc_leftover(observations, prev_actions, delay, execution_horizon)
-                committed = (clean, torch.full((len(observations),), delay, device=self.device))
-                actions = self.sample(batch, noise, committed=committed).cpu().numpy()
-            else:
-                rtc.pop("guided", None)
-                guidance = self.rtc_guidance(observations, prev_actions, delay, execution_horizon, **rtc)
-                actions = self.sample(batch, noise, rtc=guidance).cpu().numpy()
+        extra = {} if prev_actions is None else self.realtime(observations, prev_actions, delay, execution_horizon, **rtc)
+        actions = self.sample(batch, noise, **extra).cpu().numpy()
         A = self.settings["action_dim"]
         actions = data.unnormalize(actions[..., :A], self.transforms.norm_stats["actions"],
                                    self.settings["use_quantiles"])
