@@ -19,7 +19,7 @@ def test_gpu_check_runs_on_cpu_and_writes_every_part(tmp_path):
     for model in ("pi0", "pi05"):
         eager = r[model]["eager"]
         assert eager["p50_ms"] > 0 and {"vision", "prefix", "denoise"} <= set(eager) and eager["tflops"] > 0
-        assert eager["max_abs_diff_vs_eager"] == 0
+        assert set(r[model]) >= {"eager", "params", "weights_mib"} and r[model]["weights_mib"] > 0
     assert r["pi0_fast"]["prefill_ms"] > 0 and r["pi0_fast"]["decode_ms_per_token"] > 0
     batches = r["pi05_training"]["batches"]
     assert batches and all(b["samples_s"] > 0 and b["mfu"] > 0 for b in batches)

@@ -126,9 +126,8 @@ def test_policy_guidance_is_normalized_and_spares_padded_dims(tmp_path):
     normalized with the checkpoint's stats, zero weight on the padded dims and past the overlap."""
     import numpy as np
 
-    import models
     from policy import Policy
-    from test_policy import make_checkpoint, libero_obs
+    from test_policy import libero_obs, make_checkpoint
     make_checkpoint(tmp_path / "ckpt")  # pi0, actions 7 wide (mean 0.1 i, std 0.5), chunk 6
     policy = Policy(tmp_path / "ckpt")
     obs = {"images": {"image": libero_obs(np.random.default_rng(0))["observation/image"],
@@ -144,7 +143,6 @@ def test_policy_guidance_is_normalized_and_spares_padded_dims(tmp_path):
     assert out.shape == (1, 6, 7) and np.isfinite(out).all()
     with pytest.raises(ValueError, match="delay"):
         policy.rtc_guidance([obs], prev, delay=3, execution_horizon=2)
-    assert models.model_file(policy.model.cfg.model).FLOW
 
 
 def test_real_time_chunker_bookkeeping_of_delay_and_horizon():
