@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from pi0 import euler_times, posemb_sincos
+from pi0 import euler_times, free_steps, posemb_sincos
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class FastSampler:
     def denoise_committed(self, x, clean, delay):
         """The Euler loop for a model trained with --rtc-max-delay: the first delay[b] steps are the
         committed actions, clean, at t = 0 (their time conditioning precomputed too)."""
-        free = (torch.arange(x.shape[1], device=x.device)[None, :] >= delay[:, None])[..., None]  # (B, C, 1)
+        free = free_steps(delay, x.shape[1])[..., None]  # (B, C, 1)
         mix = lambda a, b: None if a is None else type(a)(mix(u, v) for u, v in zip(a, b)) \
             if isinstance(a, (list, tuple)) else torch.where(free, a, b)  # per token: step i's or t = 0's
         for i in range(self.num_steps):

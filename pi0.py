@@ -108,11 +108,16 @@ def interpolate(actions, noise, time):
     return t * noise + (1 - t) * actions, noise - actions
 
 
+def free_steps(delay, horizon):
+    """(B, C) bool: the steps after each example's committed prefix of delay[b] steps."""
+    return torch.arange(horizon, device=delay.device)[None, :] >= delay[:, None]
+
+
 def committed_prefix_time(time, delay, horizon):
     """Training-time real-time chunking (Black et al., arXiv 2512.05964): the first delay[b] steps
     of example b are actions already committed, given clean, at t = 0. time (B,), delay (B,) int
     -> per-step time (B, C) and the mask (B, C) of the steps still to predict."""
-    free = torch.arange(horizon, device=time.device)[None, :] >= delay[:, None]
+    free = free_steps(delay, horizon)
     return torch.where(free, time[:, None], torch.zeros_like(time[:, None])), free
 
 
@@ -344,7 +349,7 @@ class Pi0(nn.Module):
             if rtc is not None:
                 raise ValueError("give either rtc (guidance) or committed (a model trained for it), not both")
             clean, delay = committed
-            free = torch.arange(shape[1], device=device)[None, :] >= delay[:, None]  # (B, C)
+            free = free_steps(delay, shape[1])  # (B, C)
         for t in times:
             t_batch = torch.full((B,), t, dtype=torch.float32, device=device)
             if committed is not None:

@@ -115,7 +115,8 @@ class Policy:
             states = np.stack([np.asarray(o["state"], np.float32) for o in observations])
             leftover = np.stack([data.delta_actions(a, st, self.settings["delta_mask"])
                                  for a, st in zip(leftover, states)])
-        target = data.pad_last(self.transforms._normalize(leftover, "actions"), cfg.action_dim)[0]
+        leftover = data.normalize(leftover, self.transforms.norm_stats["actions"], self.settings["use_quantiles"], "actions")
+        target = data.pad_last(leftover, cfg.action_dim)[0]
         return torch.from_numpy(target).to(self.device)
 
     def rtc_guidance(self, observations, prev_actions, delay, execution_horizon, beta=5.0, jacobian="full"):

@@ -91,7 +91,7 @@ import models  # noqa: E402
 from checkpoints import (RESUME_MUST_MATCH, latest_checkpoint, load_training_state, merged_state,  # noqa: E402
                          save_training_state)
 from lora import add_lora  # noqa: E402
-from pi0 import sample_noise_and_time  # noqa: E402
+from pi0 import free_steps, sample_noise_and_time  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Knobs checked up front: a bad value stops the run before any work, saying what is allowed.
@@ -414,7 +414,7 @@ def train_step(a, step, model, batch, terms, weights, flow, ctx):
         noise, time_ = noise[rank::world], time_[rank::world]
         if a.rtc_max_delay:
             delay = draw_delays(step, a.batch_size, a.rtc_max_delay, a.seed, device)[rank::world]
-            free = torch.arange(cfg.action_horizon, device=device)[None, :] >= delay[:, None]
+            free = free_steps(delay, cfg.action_horizon)
     shares = loss_shares(batch, terms, a.grad_accum, device, ddp, free)
     micro = len(batch["state"]) // a.grad_accum
     sums = {}

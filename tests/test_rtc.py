@@ -47,6 +47,14 @@ def tiny(module):
     return model
 
 
+def tiny_with_inputs(module, seed):
+    """A tiny model, a batch of 2 observations and seeded noise (B, C, A)."""
+    model = tiny(module)
+    batch = random_batch(model.cfg, B=2, actions=False)
+    noise = torch.randn(2, model.cfg.action_horizon, model.cfg.action_dim, generator=torch.Generator().manual_seed(seed))
+    return model, batch, noise
+
+
 @pytest.mark.parametrize("module", [pi0, pi05], ids=["pi0", "pi05"])
 def test_zero_weights_equal_plain_sampling(module):
     model = tiny(module)
@@ -64,10 +72,8 @@ def test_zero_weights_equal_plain_sampling(module):
 def test_guidance_pulls_the_frozen_steps_to_the_committed_actions(module, jacobian):
     """The committed steps come back close to the previous chunk; steps past the overlap are
     left alone (their weight is 0, so they move only through attention)."""
-    model = tiny(module)
+    model, batch, noise = tiny_with_inputs(module, seed=1)
     C, A = model.cfg.action_horizon, model.cfg.action_dim
-    batch = random_batch(model.cfg, B=2, actions=False)
-    noise = torch.randn(2, C, A, generator=torch.Generator().manual_seed(1))
     target = torch.randn(2, C, A, generator=torch.Generator().manual_seed(2))
     plain = model.sample_actions(batch, noise=noise)
     rtc = RTCGuidance(target, rtc_mask(C, delay=2, overlap_end=4), beta=10.0, jacobian=jacobian)
@@ -79,10 +85,8 @@ def test_guidance_pulls_the_frozen_steps_to_the_committed_actions(module, jacobi
 
 @pytest.mark.parametrize("module", [pi0, pi05], ids=["pi0", "pi05"])
 def test_fast_sampler_with_guidance_equals_the_readable_one(module):
-    model = tiny(module)
+    model, batch, noise = tiny_with_inputs(module, seed=3)
     C, A = model.cfg.action_horizon, model.cfg.action_dim
-    batch = random_batch(model.cfg, B=2, actions=False)
-    noise = torch.randn(2, C, A, generator=torch.Generator().manual_seed(3))
     dims = (torch.arange(A) < 2).float()  # the robot's 2 real dims; padded dims get no guidance
     rtc = RTCGuidance(torch.randn(2, C, A), rtc_mask(C, 2, 4)[None, :, None] * dims, beta=5.0)
     torch.testing.assert_close(infer.FastSampler(model)(batch, noise, rtc=rtc),
@@ -219,10 +223,8 @@ def test_per_token_time_constant_over_tokens_equals_the_scalar_time():
 
 @pytest.mark.parametrize("module", [pi0, pi05], ids=["pi0", "pi05"])
 def test_sampling_continues_the_committed_steps_and_the_fast_sampler_agrees(module):
-    model = tiny(module)
+    model, batch, noise = tiny_with_inputs(module, seed=4)
     C, A = model.cfg.action_horizon, model.cfg.action_dim
-    batch = random_batch(model.cfg, B=2, actions=False)
-    noise = torch.randn(2, C, A, generator=torch.Generator().manual_seed(4))
     clean = torch.randn(2, C, A, generator=torch.Generator().manual_seed(5))
     delay = torch.tensor([3, 1])
     out = model.sample_actions(batch, noise=noise, committed=(clean, delay))
