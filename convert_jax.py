@@ -1,12 +1,19 @@
 """openpi (JAX) checkpoints -> our PyTorch checkpoint directory.
 
+    python convert_jax.py CHECKPOINT OUT --openpi-config NAME --tokenizer paligemma_tokenizer.model
+                          [--fast-tokenizer DIR] [--dtype bf16]     # ready to serve (policy.py serve)
     python convert_jax.py CHECKPOINT OUT [--model pi0|pi05|pi0_fast] [--dtype bf16] [--asset-id ID]
     python convert_jax.py selftest-full WORKDIR [--model pi05]   # fake a full-size one, report memory
 
 CHECKPOINT is an openpi checkpoint: a released one (`<dir>/params/`, `<dir>/assets/`), a training
 step (`<exp>/<step>/params/`, every leaf ending in an extra `value` key), or its params/ folder.
 OUT gets our checkpoint directory (models.py): model.safetensors with our names, config.json,
-and norm_stats.json from the checkpoint's assets.
+and norm_stats.json from the checkpoint's assets. With --openpi-config (one of robots.py's
+OPENPI_CONFIGS: the config the checkpoint was trained or released with) it also gets what
+serving needs and the weights cannot tell: policy.json (request keys, cameras, adapt_to_pi,
+deltas, default prompt, stats kind, metadata), the horizon / prompt length / prompt format of
+that config, the norm stats of its asset id, and the tokenizer files. Without it those come
+from flags, and no policy.json is written.
 
 openpi stores parameters as a nested dict of arrays in an orbax checkpoint (an OCDBT key-value
 store of zstd-compressed zarr arrays plus a `_METADATA` json tree), read here with tensorstore.
@@ -38,8 +45,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import robots
 from paligemma import GemmaConfig, SiglipConfig
-from models import MODELS, build_meta, model_file, save_pretrained
+from models import MODELS, build_meta, load_sentencepiece, model_file, save_pretrained
 
 # -- reshapes: each takes one openpi array (one layer's slice for scanned weights) ---------------
 linear = lambda x: x.T                                            # Dense [in, out] -> [out, in]
@@ -181,8 +189,9 @@ def detect_model(shapes):
 
 
 def config_from_shapes(shapes, name, action_horizon=None, max_token_len=None, cameras=None,
-                       action_dim=None):
-    """Our config for model `name`: sizes from array shapes, the rest from arguments or defaults."""
+                       action_dim=None, **settings):
+    """Our config for model `name`: sizes from array shapes, the rest from arguments or defaults
+    (settings: other config fields, e.g. pi0.5's discrete_state_input)."""
     def need(path):
         if path not in shapes:
             raise ValueError(f"missing in checkpoint: {path} (needed to infer the architecture)")
@@ -212,6 +221,7 @@ def config_from_shapes(shapes, name, action_horizon=None, max_token_len=None, ca
         action_dim = stored
     flags = dict(action_dim=action_dim, action_horizon=action_horizon,
                  max_token_len=max_token_len, cameras=cameras and tuple(cameras))
+    flags.update(settings)
     return model_file(name).Config(**kwargs, **{k: v for k, v in flags.items() if v is not None})
 
 
@@ -339,8 +349,8 @@ def find_norm_stats(assets_dir, asset_id=None):
                    if "norm_stats.json" in files)
     print(f"norm stats in {assets_dir} for asset ids: {found or 'none'}")
     if asset_id is not None and asset_id not in found:
-        raise ValueError(f"--asset-id {asset_id}: no {assets_dir}/{asset_id}/norm_stats.json "
-                         f"(found: {found or 'none'})")
+        raise ValueError(f"asset id {asset_id}: no {assets_dir}/{asset_id}/norm_stats.json "
+                         f"(found: {found or 'none'}; choose with --asset-id)")
     if asset_id is None and len(found) != 1:
         if found:
             raise ValueError(f"several asset ids have norm stats: {found}; pick one with --asset-id")
@@ -400,19 +410,60 @@ def write_progress(total_bytes):
         bar.update(total_bytes - bar.n)
 
 
-def convert(checkpoint, out, model=None, dtype="fp32", asset_id=None, **flags):
-    """openpi checkpoint -> our checkpoint directory `out` (written atomically). Returns the model."""
+def serving_files(openpi_config, cfg, norm_stats, tokenizer, fast_tokenizer):
+    """What --openpi-config adds to the checkpoint: (policy.json, [(file, name in the checkpoint)]).
+    Every missing piece is an error naming the flag that supplies it. cfg None: check only."""
+    c = robots.openpi_config(openpi_config)
+    if norm_stats is None:
+        raise FileNotFoundError(f"{openpi_config} needs the norm stats of asset id '{c.asset_id}' "
+                                "(<checkpoint>/assets/<asset_id>/norm_stats.json); pass --asset-id if they are under another id")
+    if tokenizer is None:
+        raise ValueError(f"{openpi_config}: serving needs the prompt tokenizer: --tokenizer paligemma_tokenizer.model "
+                         "(PaliGemma's SentencePiece model)")
+    if c.model == "pi0_fast" and (fast_tokenizer is None or not os.path.isdir(fast_tokenizer)):
+        raise ValueError(f"{openpi_config}: pi0-FAST reads its actions back with the FAST tokenizer: "
+                         "--fast-tokenizer DIR (physical-intelligence/fast: tokenizer.json + processor_config.json)")
+    if cfg is None:  # the checks that need no weights, made before the long part
+        return None
+    sp = load_sentencepiece(tokenizer)
+    if sp.vocab_size() > cfg.vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer} has {sp.vocab_size()} pieces, more than the model's "
+                         f"{cfg.vocab_size} embeddings: not this checkpoint's tokenizer")
+    files = [(tokenizer, "tokenizer.model")]
+    if c.model == "pi0_fast":
+        files.append((fast_tokenizer, "fast_tokenizer"))
+    return robots.policy_settings(openpi_config, use_quantiles=c.model != "pi0"), files
+
+
+def convert(checkpoint, out, model=None, dtype="fp32", asset_id=None, openpi_config=None, tokenizer=None,
+            fast_tokenizer=None, **flags):
+    """openpi checkpoint -> our checkpoint directory `out` (written atomically). Returns the model.
+    openpi_config: the openpi config name; the directory is then ready for policy.Policy."""
     params_dir, assets_dir = find_checkpoint(checkpoint)
+    if openpi_config is not None:
+        c = robots.openpi_config(openpi_config)
+        if model not in (None, c.model):
+            raise ValueError(f"--model {model}, but openpi config {openpi_config} is a {c.model}")
+        model, asset_id = c.model, asset_id or c.asset_id
+        # the config's horizon, prompt length, cameras and prompt format; explicit flags win
+        flags = {**robots.model_overrides(openpi_config), **{k: v for k, v in flags.items() if v is not None}}
     norm_stats = find_norm_stats(assets_dir, asset_id)  # before the long part: fail fast
+    if openpi_config is not None:
+        serving_files(openpi_config, None, norm_stats, tokenizer, fast_tokenizer)
     print(f"reading {params_dir}")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     net = model_from_params(read_orbax(params_dir), model, torch_dtype, progress=True, **flags)
+    policy, files = None, []
+    if openpi_config is not None:
+        policy, files = serving_files(openpi_config, net.cfg, norm_stats, tokenizer, fast_tokenizer)
     print(f"{net.cfg.model}: {json.dumps(net.cfg.to_dict())}")
     size = sum(t.nbytes for t in net.state_dict().values())
     with write_progress(size):
-        save_pretrained(net, out, norm_stats=norm_stats)
+        save_pretrained(net, out, norm_stats=norm_stats, extra_files=files,
+                        json_files=policy and {"policy.json": policy})
     print(f"wrote {out}: {sum(t.numel() for t in net.parameters()):,} parameters, {size / 2**30:.2f} "
-          f"GiB ({dtype}), {'with' if norm_stats else 'no'} norm_stats.json")
+          f"GiB ({dtype}), {'with' if norm_stats else 'no'} norm_stats.json"
+          + (f", policy.json for openpi config {openpi_config}" if policy else ""))
     return net
 
 
@@ -442,7 +493,12 @@ def main(argv=None):
     arg("--model", choices=sorted(MODELS), help="expected model (it is detected from the weights; "
         "a mismatch is an error); selftest-full: which model to fake, default pi05")
     arg("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the stored weights")
-    arg("--asset-id", help="which assets/<asset_id>/norm_stats.json, if there are several")
+    arg("--openpi-config", choices=list(robots.OPENPI_CONFIGS), metavar="NAME",
+        help="the openpi config of the checkpoint (writes policy.json, tokenizer and the config's settings "
+             f"for serving): {', '.join(robots.OPENPI_CONFIGS)}")
+    arg("--tokenizer", help="PaliGemma's SentencePiece model (paligemma_tokenizer.model); needed with --openpi-config")
+    arg("--fast-tokenizer", help="pi0-FAST configs: the FAST tokenizer's HF folder (physical-intelligence/fast)")
+    arg("--asset-id", help="which assets/<asset_id>/norm_stats.json (default: the config's, or the only one)")
     arg("--action-horizon", type=int, help="chunk length (default: openpi's, 50; pi0-FAST 32)")
     arg("--max-token-len", type=int, help="prompt tokens (default: pi0 48, pi05 200, FAST 250)")
     arg("--cameras", help="comma-separated view names in model order (default: openpi's)")
@@ -451,8 +507,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.checkpoint == "selftest-full":
         return selftest_full(args.out, args.model or "pi05", args.dtype)
-    convert(args.checkpoint, args.out, args.model, args.dtype, args.asset_id,
-            action_horizon=args.action_horizon, max_token_len=args.max_token_len,
+    convert(args.checkpoint, args.out, args.model, args.dtype, args.asset_id, args.openpi_config, args.tokenizer,
+            args.fast_tokenizer, action_horizon=args.action_horizon, max_token_len=args.max_token_len,
             cameras=args.cameras and args.cameras.split(","), action_dim=args.action_dim)
     print(f"peak memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 

@@ -153,32 +153,35 @@ def absolute_actions(actions, state, mask):
 def normalize(x, stats, use_quantiles, name="x"):
     """z-score (x - mean) / (std + 1e-6), or quantile (x - q01) / (q99 - q01 + 1e-6) * 2 - 1.
 
-    openpi slices the stats to the data's width; we insist they agree, because stats of another
-    width almost always mean stats of another robot."""
+    Stats wider than the data are sliced to its width, as openpi does (pi0-era assets are 32 wide,
+    zero-padded past the robot's dims); narrower ones are an error: they describe another robot."""
     keys = ("q01", "q99") if use_quantiles else ("mean", "std")
+    d = x.shape[-1]
     for k in keys:
         if k not in stats:
             raise KeyError(f"norm stats for '{name}' have no '{k}' (have {sorted(stats)})")
-        if len(stats[k]) != x.shape[-1]:
+        if len(stats[k]) < d:
             raise ValueError(f"norm stats for '{name}' have {len(stats[k])} dims "
-                             f"but the data has {x.shape[-1]}")
+                             f"but the data has {d}")
     if use_quantiles:
-        q01, q99 = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+        q01, q99 = np.asarray(stats["q01"])[:d], np.asarray(stats["q99"])[:d]
         return ((x - q01) / (q99 - q01 + 1e-6) * 2.0 - 1.0).astype(np.float32)
-    return ((x - np.asarray(stats["mean"])) / (np.asarray(stats["std"]) + 1e-6)).astype(np.float32)
+    return ((x - np.asarray(stats["mean"])[:d]) / (np.asarray(stats["std"])[:d] + 1e-6)).astype(np.float32)
 
 
 def unnormalize(x, stats, use_quantiles):
     """The inverse of normalize, on model outputs that may be wider than the stats (padded dims):
-    openpi pads z-score stats with mean 0 / std 1 and lets quantile-extra dims pass through."""
+    openpi pads z-score stats with mean 0 / std 1 and lets quantile-extra dims pass through;
+    stats wider than x are sliced to its width."""
     x = np.asarray(x, np.float32).copy()
+    D = x.shape[-1]
     if use_quantiles:
-        q01, q99 = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+        q01, q99 = np.asarray(stats["q01"])[:D], np.asarray(stats["q99"])[:D]
         d = len(q01)
         x[..., :d] = (x[..., :d] + 1.0) / 2.0 * (q99 - q01 + 1e-6) + q01
         return x
-    pad = (0, x.shape[-1] - len(stats["mean"]))
-    mean, std = np.pad(stats["mean"], pad), np.pad(stats["std"], pad, constant_values=1.0)
+    pad = (0, D - len(stats["mean"][:D]))
+    mean, std = np.pad(stats["mean"][:D], pad), np.pad(stats["std"][:D], pad, constant_values=1.0)
     return (x * (std + 1e-6) + mean).astype(np.float32)
 
 
@@ -321,7 +324,9 @@ class Transforms:
     tokenize the prompt, pad state and actions to the model width.
 
     One per dataset: `cameras` maps the model's views, in order, to this dataset's camera keys
-    (None where the dataset has no such camera: that view is masked out, not shown as black)."""
+    (None where the dataset has no such camera: that view is masked out, not shown as black).
+    A sample may carry "image_masks" {camera: bool}: a robot's zero-filled views (robots.py)
+    that the model may or may not look at."""
     tokenize: Callable  # the model's prompt function: (prompt, state) -> (ids, mask)
     cameras: Sequence   # this dataset's camera key (or None) for each model view
     norm_stats: object = None           # stats dict, or the path of a (possibly shared) norm_stats.json
@@ -361,7 +366,7 @@ class Transforms:
                 raise KeyError(f"camera '{cam}' not in the sample (cameras: {sorted(sample['images'])})")
             image = resize_with_pad(as_uint8_image(sample["images"][cam], cam), self.image_size, self.image_size)
             views.append(image_to_float(image))
-            masks.append(True)
+            masks.append(bool(sample.get("image_masks", {}).get(cam, True)))
         raw_state = check_finite(sample["state"], "state")
         state = self._normalize(raw_state, "state")
         # pi0.5 puts the normalized, unpadded state into its prompt; pi0 ignores it

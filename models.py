@@ -216,8 +216,9 @@ def write_checkpoint(model, tmp, norm_stats=None, extra_files=(), json_files=Non
     for name, obj in files.items():
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(obj, f, indent=2)
-    for extra in extra_files:
-        shutil.copy(extra, tmp)
+    for extra in extra_files:  # a path, or (path, name in the checkpoint); folders are copied whole
+        src, name = extra if isinstance(extra, tuple) else (extra, os.path.basename(extra))
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, name))
 
 
 def publish(tmp, path):
@@ -225,8 +226,9 @@ def publish(tmp, path):
     parent so the rename itself survives a power cut. An existing `path` is replaced: it is
     renamed aside first (`path.old-<pid>`, which load() points to if we die between the two
     renames) and removed only once the new directory is in place."""
-    for name in os.listdir(tmp):
-        fsync_path(os.path.join(tmp, name))
+    for folder, dirs, files in os.walk(tmp, topdown=False):
+        for name in files + dirs:
+            fsync_path(os.path.join(folder, name))
     fsync_path(tmp)
     crash_point("before-publish")
     parent = os.path.dirname(os.path.abspath(path))
@@ -248,7 +250,8 @@ def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=Non
     Everything goes to a temporary sibling first, is synced to disk, then one rename publishes
     it: a crash never leaves a half-written checkpoint under the final name.
     norm_stats: {"state": {"mean": ..., ...}, "actions": ...} (lists or arrays).
-    extra_files: paths copied in verbatim (e.g. a tokenizer model); json_files: {name: object}.
+    extra_files: paths copied in verbatim (e.g. a tokenizer model), or (path, name) pairs;
+    json_files: {name: object}.
     state_dict: the weights to write, if not model.state_dict() (e.g. LoRA merged into them).
     """
     path = os.path.abspath(path)

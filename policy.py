@@ -5,6 +5,12 @@ model's own prompt format, padding), samples a normalized action chunk (infer.Fa
 pi0 / pi0.5, greedy decoding for pi0-FAST), and undoes the normalization (and delta actions)
 for the robot's own action width. The checkpoint directory is described in models.py.
 
+What a request looks like is the checkpoint's policy.json: a checkpoint of an openpi config
+(convert_jax.py / train.py --openpi-config) takes that robot's own request, by key name, with
+openpi's robot transforms around the model (robots.py: ALOHA's adapt_to_pi, DROID's and
+LIBERO's cameras); any other takes {"images": {camera: uint8 HWC}, "state", "prompt"} with the
+cameras it was trained on.
+
 The server speaks openpi's protocol, so openpi_client.WebsocketClientPolicy talks to it
 unchanged: one metadata frame on connect, then msgpack request -> msgpack reply.
 
@@ -26,6 +32,7 @@ import torch
 
 import data
 import models
+import robots
 from infer import FastSampler
 
 log = logging.getLogger("policy")
@@ -34,7 +41,8 @@ log = logging.getLogger("policy")
 class Policy:
     """Raw observations -> robot actions, for one checkpoint directory.
 
-    observation: {"images": {camera key: uint8 (H, W, 3)}, "state": (S,), "prompt": str}
+    observation: the robot's own request for a checkpoint of an openpi config (robots.py), else
+    {"images": {camera key: uint8 (H, W, 3) or (3, H, W)}, "state": (S,), "prompt": str}
     """
 
     def __init__(self, path, device="cpu", num_steps=10, fast=False, compile_mode=None,
@@ -53,7 +61,8 @@ class Policy:
         flow = models.model_file(cfg.model).FLOW
         if not flow:  # pi0-FAST: greedy tokens, then the FAST tokenizer reads them back
             from fast_tokenizer import FASTTokenizer
-            self.fast = FASTTokenizer.load(os.path.join(self.path, "fast_tokenizer.json"))
+            ours = os.path.join(self.path, "fast_tokenizer.json")  # else openpi's HF folder, as converted
+            self.fast = FASTTokenizer.load(ours if os.path.exists(ours) else os.path.join(self.path, "fast_tokenizer"))
             self.sample = self.sample_fast
         elif fast:
             self.sample = FastSampler(self.model, num_steps, self.dtype, compile_mode, cuda_graph)
@@ -61,6 +70,7 @@ class Policy:
             self.sample = self.sample_readable
         with open(os.path.join(self.path, "policy.json")) as f:
             self.settings = json.load(f)
+        self.robot = self.settings.get("robot")  # an openpi robot family (robots.ROBOTS), or None
         self.sp = models.load_sentencepiece(os.path.join(self.path, "tokenizer.model"))
         s = self.settings
         width = cfg.action_dim if flow else None  # pi0-FAST pads nothing
@@ -93,7 +103,7 @@ class Policy:
                         f"decode to action chunks; their actions are a best effort (Policy.valid is False there)")
         return torch.from_numpy(np.stack([a for a, _ in out]))
 
-    def rtc_leftover(self, observations, prev_actions, delay, execution_horizon):
+    def rtc_leftover(self, states, prev_actions, delay, execution_horizon):
         """Real-time chunking: the previous chunks (B, C, A_robot), as the robot got them -> their
         leftover prev[s:] aligned with the new chunk, in the model's space (deltas against the
         *new* observation's state, normalized, padded), (B, C, A_model); held at the last action
@@ -104,32 +114,33 @@ class Policy:
             raise ValueError("real-time chunking needs execution_horizon: how many actions of the previous "
                              "chunk had been executed when this observation was taken")
         prev = np.asarray(prev_actions, np.float32)
-        if prev.shape != (len(observations), C, A):
-            raise ValueError(f"prev_actions has shape {prev.shape}, expected ({len(observations)}, {C}, {A}): "
+        if prev.shape != (len(states), C, A):
+            raise ValueError(f"prev_actions has shape {prev.shape}, expected ({len(states)}, {C}, {A}): "
                              "the previous chunks as this policy returned them")
         if not 0 <= d <= s <= C - d:
             raise ValueError(f"real-time chunking needs 0 <= delay ({d}) <= execution_horizon ({s}) <= "
                              f"horizon - delay ({C} - {d})")
         leftover = np.concatenate([prev[:, s:], np.repeat(prev[:, -1:], s, axis=1)], axis=1)  # (B, C, A)
+        if self.robot:  # the robot's units -> the model's (ALOHA: joints flipped, grippers converted)
+            leftover = robots.robot_actions_to_model(self.settings, leftover)
         if self.settings.get("delta_mask") is not None:
-            states = np.stack([np.asarray(o["state"], np.float32) for o in observations])
             leftover = np.stack([data.delta_actions(a, st, self.settings["delta_mask"])
                                  for a, st in zip(leftover, states)])
         leftover = data.normalize(leftover, self.transforms.norm_stats["actions"], self.settings["use_quantiles"], "actions")
         target = data.pad_last(leftover, cfg.action_dim)[0]
         return torch.from_numpy(target).to(self.device)
 
-    def rtc_guidance(self, observations, prev_actions, delay, execution_horizon, beta=5.0, jacobian="full"):
+    def rtc_guidance(self, states, prev_actions, delay, execution_horizon, beta=5.0, jacobian="full"):
         """Inference-time real-time chunking: pi0.RTCGuidance toward the leftover (rtc_leftover),
         with the paper's soft mask; padded dims get no guidance."""
         from pi0 import RTCGuidance, rtc_mask
         cfg, A = self.model.cfg, self.settings["action_dim"]
-        target = self.rtc_leftover(observations, prev_actions, delay, execution_horizon)
+        target = self.rtc_leftover(states, prev_actions, delay, execution_horizon)
         dims = torch.from_numpy((np.arange(cfg.action_dim) < A).astype(np.float32))
         weights = (rtc_mask(cfg.action_horizon, delay, cfg.action_horizon - execution_horizon)[:, None] * dims)[None]
         return RTCGuidance(target, weights.to(self.device), beta, jacobian)
 
-    def realtime(self, observations, prev_actions, delay, execution_horizon, guided=False, **guidance):
+    def realtime(self, states, prev_actions, delay, execution_horizon, guided=False, **guidance):
         """How the sampler continues the previous chunks: a checkpoint trained with --rtc-max-delay
         is given the committed steps (clean, at t = 0); any other (or guided=True) is guided
         toward them (guidance: beta, jacobian). -> the sampler's keyword arguments."""
@@ -137,32 +148,57 @@ class Policy:
             raise ValueError("real-time chunking needs a flow-matching sampler: pi0 or pi0.5, not pi0-FAST")
         trained = self.settings.get("rtc_max_delay", 0)
         if not trained or guided:
-            return {"rtc": self.rtc_guidance(observations, prev_actions, delay, execution_horizon, **guidance)}
+            return {"rtc": self.rtc_guidance(states, prev_actions, delay, execution_horizon, **guidance)}
         if delay > trained:
             raise ValueError(f"delay {delay} exceeds the {trained} steps this checkpoint was trained to continue "
                              f"(--rtc-max-delay); pass guided=True for guidance instead")
-        clean = self.rtc_leftover(observations, prev_actions, delay, execution_horizon)
-        return {"committed": (clean, torch.full((len(observations),), delay, device=self.device))}
+        clean = self.rtc_leftover(states, prev_actions, delay, execution_horizon)
+        return {"committed": (clean, torch.full((len(states),), delay, device=self.device))}
+
+    def robot_inputs(self, observation):
+        """One request -> {"images", "image_masks"?, "state" (model space), "prompt"?}: openpi's
+        robot transforms for an openpi config's checkpoint, else our own form, checked."""
+        if self.robot:
+            return robots.robot_inputs(self.settings, observation)
+        if not isinstance(observation, dict) or "images" not in observation or "state" not in observation:
+            have = sorted(observation) if isinstance(observation, dict) else type(observation).__name__
+            raise KeyError(f"observation {have}: this checkpoint takes {{'images': {{camera: uint8 image}}, 'state', "
+                           f"'prompt'}} with cameras {[c for c in self.settings['cameras'] if c]}")
+        images = {k: robots.hwc(v, k) for k, v in dict(observation["images"]).items()}
+        return {**observation, "images": images, "state": data.check_finite(observation["state"], "state")}
+
+    def model_inputs(self, observations):
+        """Requests -> (the model's batch dict, the states in the model's space (B, S) for the
+        outputs' delta actions): robot inputs, default prompt, then data.Transforms."""
+        samples = [self.robot_inputs(o) for o in observations]
+        for s in samples:  # openpi's InjectDefaultPrompt: only where the request has none
+            s.setdefault("prompt", self.settings.get("default_prompt") or "")
+        batch = data.collate([self.transforms(s) for s in samples])
+        states = np.stack([np.asarray(s["state"], np.float32) for s in samples])
+        return {k: v.to(self.device) for k, v in batch.items()}, states
+
+    def robot_outputs(self, actions, states):
+        """Normalized model actions (B, C, A_model) -> the robot's (B, C, A_robot): unnormalize,
+        deltas back to absolute against the model-space state, then the robot's own outputs."""
+        A = self.settings["action_dim"]
+        actions = data.unnormalize(actions[..., :A], self.transforms.norm_stats["actions"],
+                                   self.settings["use_quantiles"])
+        if self.settings.get("delta_mask") is not None:
+            actions = np.stack([data.absolute_actions(a, s, self.settings["delta_mask"])
+                                for a, s in zip(actions, states)])
+        if self.robot:
+            actions = robots.robot_outputs(self.settings, actions)
+        return actions.astype(np.float32)
 
     def infer_batch(self, observations, noise=None, prev_actions=None, delay=0, execution_horizon=None, **rtc):
         """A list of observations -> (N, C, A_robot) float32 actions. With prev_actions (the
         previous chunks), the delay d and the execution horizon s, sampling is guided toward the
         actions the robot is still executing (real-time chunking; rtc: beta, jacobian)."""
-        samples = [self.transforms(dict(o, prompt=o.get("prompt", self.settings.get("default_prompt", ""))))
-                   for o in observations]
-        batch = {k: v.to(self.device) for k, v in data.collate(samples).items()}
+        batch, states = self.model_inputs(observations)
         if noise is not None:
             noise = torch.as_tensor(noise, dtype=torch.float32, device=self.device)
-        extra = {} if prev_actions is None else self.realtime(observations, prev_actions, delay, execution_horizon, **rtc)
-        actions = self.sample(batch, noise, **extra).cpu().numpy()
-        A = self.settings["action_dim"]
-        actions = data.unnormalize(actions[..., :A], self.transforms.norm_stats["actions"],
-                                   self.settings["use_quantiles"])
-        if self.settings.get("delta_mask") is not None:
-            states = np.stack([np.asarray(o["state"], np.float32) for o in observations])
-            actions = np.stack([data.absolute_actions(a, s, self.settings["delta_mask"])
-                                for a, s in zip(actions, states)])
-        return actions.astype(np.float32)
+        extra = {} if prev_actions is None else self.realtime(states, prev_actions, delay, execution_horizon, **rtc)
+        return self.robot_outputs(self.sample(batch, noise, **extra).cpu().numpy(), states)
 
     def infer(self, observation, noise=None, prev_actions=None, delay=0, execution_horizon=None):
         """One observation -> {"actions": (C, A_robot), "policy_timing": {"infer_ms": ...}}, and for
@@ -181,48 +217,7 @@ class Policy:
 # ----------------------------------------------------------------------------------------------
 # serve: openpi's websocket protocol (openpi_client.WebsocketClientPolicy talks to it)
 
-# openpi's observation keys per robot -> our {"images": {camera: uint8 HWC}, "state", "prompt"}.
-# Images are assigned to the policy's cameras (policy.json "cameras", None entries skipped) in order.
-OPENPI_KEYS = {
-    "libero": (("observation/image", "observation/wrist_image"), ("observation/state",)),
-    "droid": (("observation/exterior_image_1_left", "observation/wrist_image_left"),
-              ("observation/joint_position", "observation/gripper_position")),
-}
-
-
-def to_observation(msg, cameras):
-    """One request (openpi LIBERO / DROID / ALOHA keys, or ours) -> Policy's observation dict."""
-    if not isinstance(msg, dict):
-        raise TypeError(f"expected a dict observation, got {type(msg).__name__}")
-    cams = [c for c in cameras if c is not None]
-    prompt = msg.get("prompt")
-    for robot, (image_keys, state_keys) in OPENPI_KEYS.items():
-        if image_keys[0] in msg:
-            present = [k for k in image_keys if k in msg]
-            if len(present) > len(cams):
-                raise ValueError(f"{robot} observation has {len(present)} images, the policy has "
-                                 f"{len(cams)} cameras ({cams})")
-            missing = [k for k in state_keys if k not in msg]
-            if missing:
-                raise KeyError(f"{robot} observation lacks {missing}")
-            state = np.concatenate([np.asarray(msg[k], np.float32).reshape(-1) for k in state_keys])
-            images = {cam: np.asarray(msg[k]) for cam, k in zip(cams, present)}
-            break
-    else:
-        if "images" not in msg or "state" not in msg:
-            raise KeyError(f"unknown observation keys {sorted(msg)}: expected openpi's LIBERO / DROID "
-                           "keys or {'images': {camera: uint8}, 'state', 'prompt'}")
-        images, state = dict(msg["images"]), np.asarray(msg["state"], np.float32)
-    for cam, im in images.items():
-        if im.ndim == 3 and im.shape[0] == 3 and im.shape[-1] != 3:  # ALOHA sends CHW
-            im = np.moveaxis(im, 0, -1)
-        if im.ndim != 3 or im.shape[-1] != 3:
-            raise ValueError(f"image '{cam}' has shape {im.shape}, expected (H, W, 3) uint8")
-        images[cam] = np.ascontiguousarray(im)
-    obs = {"images": images, "state": state}
-    if prompt is not None:
-        obs["prompt"] = str(prompt)
-    return obs
+REQUEST_KEYS = ("noise", "seed", "prev_actions", "delay", "execution_horizon")  # the protocol's own keys
 
 
 def request_noise(msg, policy):
@@ -244,10 +239,12 @@ def request_noise(msg, policy):
 def server_metadata(policy):
     """The metadata frame a client gets on connect: what the checkpoint serves, plus policy.json's
     own "metadata" (e.g. a robot's reset pose)."""
-    cfg = policy.model.cfg
-    return {"model": cfg.model, "action_horizon": cfg.action_horizon, "action_dim": policy.settings["action_dim"],
-            "cameras": [c for c in policy.settings["cameras"] if c is not None], "dtype": str(policy.dtype).split(".")[-1],
-            **policy.settings.get("metadata", {})}
+    cfg, s = policy.model.cfg, policy.settings
+    cameras = list(s["views"].values()) if policy.robot else s["cameras"]  # the request's image keys
+    robot = {"robot": s["robot"], "openpi_config": s.get("openpi_config")} if policy.robot else {}
+    return {"model": cfg.model, "action_horizon": cfg.action_horizon, "action_dim": s["action_dim"],
+            "cameras": [c for c in cameras if c is not None], "dtype": str(policy.dtype).split(".")[-1],
+            **robot, **s.get("metadata", {})}
 
 
 def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb=16):
@@ -297,7 +294,9 @@ def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb
             try:
                 t0 = time.monotonic()
                 msg = msgpack.unpackb(raw, object_hook=unpack_hook)
-                obs = to_observation(msg, policy.settings["cameras"])
+                if not isinstance(msg, dict):
+                    raise TypeError(f"a request is a dict observation, got {type(msg).__name__}")
+                obs = {k: v for k, v in msg.items() if k not in REQUEST_KEYS}
                 noise = request_noise(msg, policy)
                 rtc = {k: msg[k] for k in ("prev_actions", "delay", "execution_horizon") if k in msg}
                 if rtc and "prev_actions" not in rtc:

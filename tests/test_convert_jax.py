@@ -102,7 +102,7 @@ def test_norm_stats_from_assets(jax_fixture, tmp_path):
             json.dump({"norm_stats": s}, f)
     with pytest.raises(ValueError, match="several asset ids.*physical-intelligence/libero.*trossen"):
         main([str(src), str(tmp_path / "out"), *flags(fx)])
-    with pytest.raises(ValueError, match="--asset-id droid: no .*found: .*trossen"):
+    with pytest.raises(ValueError, match="asset id droid: no .*found: .*trossen"):
         main([str(src), str(tmp_path / "out"), "--asset-id", "droid", *flags(fx)])
     assert not os.path.exists(tmp_path / "out")  # nothing written on an error
     main([str(src), str(tmp_path / "out"), "--asset-id", "physical-intelligence/libero", *flags(fx)])

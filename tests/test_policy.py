@@ -13,6 +13,7 @@ from conftest import train_tiny_sentencepiece
 import models
 import pi0
 import policy as policy_mod
+import robots
 
 
 
@@ -25,8 +26,8 @@ def make_checkpoint(path):
     tok.write_bytes(sp.serialized_model_proto())
     stats = {"state": {"mean": np.zeros(8), "std": np.ones(8) * 2},
              "actions": {"mean": np.arange(7) * 0.1, "std": np.ones(7) * 0.5}}
-    policy = {"cameras": ["image", "wrist_image", None], "use_quantiles": False, "delta_mask": None,
-              "action_dim": 7, "state_dim": 8}
+    # openpi's LIBERO robot (requests in its keys, by name), without pi0_libero's deltas
+    policy = dict(robots.policy_settings("pi0_libero", use_quantiles=False), delta_mask=None)
     models.save_pretrained(model, path, norm_stats=stats, extra_files=[tok], json_files={"policy.json": policy})
 
 
@@ -72,9 +73,7 @@ def test_serve_matches_policy_with_openpi_client(server):
         obs = libero_obs(rng)
         noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
         out = client.infer(dict(obs, noise=noise))
-        expected = policy.infer({"images": {"image": obs["observation/image"],
-                                            "wrist_image": obs["observation/wrist_image"]},
-                                 "state": obs["observation/state"], "prompt": obs["prompt"]}, noise=noise)
+        expected = policy.infer(obs, noise=noise)
         assert out["actions"].shape == (cfg.action_horizon, 7) and out["actions"].dtype == np.float32
         np.testing.assert_allclose(out["actions"], expected["actions"], rtol=0, atol=1e-5)
         assert "infer_ms" in out["policy_timing"] and "infer_ms" in out["server_timing"]
@@ -82,11 +81,14 @@ def test_serve_matches_policy_with_openpi_client(server):
     # a seed makes a request deterministic without sending noise
     a, b = client.infer(dict(obs, seed=3)), client.infer(dict(obs, seed=3))
     np.testing.assert_array_equal(a["actions"], b["actions"])
-    # the dataset's own keys work too
-    own = client.infer({"images": {"image": obs["observation/image"], "wrist_image": obs["observation/image"]},
-                        "state": obs["observation/state"],
-                        "prompt": "x", "noise": noise})
-    assert own["actions"].shape == (cfg.action_horizon, 7)
+    # cameras are read by key name: swapping the two images changes the answer
+    swapped = dict(obs, **{"observation/image": obs["observation/wrist_image"],
+                           "observation/wrist_image": obs["observation/image"]})
+    assert np.abs(client.infer(dict(swapped, noise=noise))["actions"] - out["actions"]).max() > 1e-4
+    # another robot's request is an error frame naming what this checkpoint takes
+    with pytest.raises(RuntimeError, match="libero observation lacks \['observation/image'"):
+        WebsocketClientPolicy("127.0.0.1", port).infer(
+            {"images": {"image": obs["observation/image"]}, "state": obs["observation/state"], "prompt": "x"})
 
 
 def test_serve_errors_then_serves_next_client(server):
@@ -112,8 +114,8 @@ def test_serve_errors_then_serves_next_client(server):
 
 @pytest.mark.parametrize("case, message", [
     ("nan_state", "state has NaN or inf"),
-    ("float_image_out_of_range", "image 'image' is float32 with values in [255, 255]"),
-    ("uint16_image", "image 'image' has dtype uint16"),
+    ("float_image_out_of_range", "image 'observation/image' is float32 with values in [255, 255]"),
+    ("uint16_image", "image 'observation/image' has dtype uint16"),
     ("bad_noise", "request 'noise' has shape (3, 3): expected finite float"),
 ])
 def test_every_bad_request_gets_an_error_frame_and_the_next_is_served(server, case, message):
@@ -154,7 +156,8 @@ def test_oversized_request_is_refused_and_metadata_describes_the_checkpoint(tmp_
     make_checkpoint(ckpt)
     policy = policy_mod.Policy(ckpt, fast=True)
     meta = policy_mod.server_metadata(policy)
-    assert meta == {"model": "pi0", "action_horizon": 6, "action_dim": 7, "cameras": ["image", "wrist_image"],
+    assert meta == {"model": "pi0", "action_horizon": 6, "action_dim": 7, "robot": "libero",
+                    "openpi_config": "pi0_libero", "cameras": ["observation/image", "observation/wrist_image"],
                     "dtype": "float32"}
     loop, ready, box = asyncio.new_event_loop(), threading.Event(), {}
 
@@ -191,7 +194,7 @@ def test_requests_with_and_without_the_previous_chunk(server):
     plain = client.infer(dict(obs, noise=noise))["actions"]
     prev = plain + 0.5
     guided = client.infer(dict(obs, noise=noise, prev_actions=prev, delay=2, execution_horizon=2))["actions"]
-    local = policy.infer(policy_mod.to_observation(obs, policy.settings["cameras"]), noise, prev_actions=prev,
+    local = policy.infer(obs, noise, prev_actions=prev,
                          delay=2, execution_horizon=2)["actions"]
     np.testing.assert_allclose(guided, local, atol=1e-5)
     assert np.abs(guided - plain).max() > 1e-3  # the guidance changed the chunk

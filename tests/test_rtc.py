@@ -134,11 +134,10 @@ def test_policy_guidance_is_normalized_and_spares_padded_dims(tmp_path):
     from test_policy import libero_obs, make_checkpoint
     make_checkpoint(tmp_path / "ckpt")  # pi0, actions 7 wide (mean 0.1 i, std 0.5), chunk 6
     policy = Policy(tmp_path / "ckpt")
-    obs = {"images": {"image": libero_obs(np.random.default_rng(0))["observation/image"],
-                      "wrist_image": libero_obs(np.random.default_rng(1))["observation/wrist_image"]},
-           "state": np.zeros(8, np.float32), "prompt": "pick up the red block"}
+    obs = dict(libero_obs(np.random.default_rng(0)), **{"observation/state": np.zeros(8, np.float32)})
+    states = np.zeros((1, 8), np.float32)  # the state in the model's space
     prev = np.tile(np.arange(7, dtype=np.float32) * 0.1 + 0.5, (1, 6, 1))  # one std above the mean
-    g = policy.rtc_guidance([obs], prev, delay=1, execution_horizon=2)
+    g = policy.rtc_guidance(states, prev, delay=1, execution_horizon=2)
     assert g.target.shape == (1, 6, 8)
     torch.testing.assert_close(g.target[0, :, :7], torch.ones(6, 7), atol=1e-4, rtol=0)
     assert g.target[0, :, 7].abs().max() == 0 and g.weights[0, :, 7].abs().max() == 0
@@ -146,7 +145,7 @@ def test_policy_guidance_is_normalized_and_spares_padded_dims(tmp_path):
     out = policy.infer_batch([obs], prev_actions=prev, delay=1, execution_horizon=2)
     assert out.shape == (1, 6, 7) and np.isfinite(out).all()
     with pytest.raises(ValueError, match="delay"):
-        policy.rtc_guidance([obs], prev, delay=3, execution_horizon=2)
+        policy.rtc_guidance(states, prev, delay=3, execution_horizon=2)
 
 
 def test_real_time_chunker_bookkeeping_of_delay_and_horizon():
