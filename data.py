@@ -278,14 +278,30 @@ def compute_norm_stats(dataset, *, delta_mask=None, bins=5000, progress=True):
     return result
 
 
-def save_norm_stats(stats, path):
-    """Write openpi's norm_stats.json atomically (temporary file, then rename)."""
+def save_norm_stats(stats, path, **representation):
+    """Write openpi's norm_stats.json atomically (temporary file, then rename). representation:
+    what the stats are of, recorded beside openpi's key (e.g. delta_mask=[...] or None)."""
     out = {"norm_stats": {k: {s: np.asarray(v, np.float64).tolist() for s, v in d.items()}
-                          for k, d in stats.items()}}
+                          for k, d in stats.items()}, **representation}
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(out, f, indent=2)
     os.replace(tmp, path)
+
+
+def check_stats_representation(path, delta_mask):
+    """Stats written here record whether their actions were deltas ("delta_mask"); training on the
+    other representation would normalize with the wrong spread, silently. openpi's files do not
+    say, and are taken as they are."""
+    raw = json.loads(Path(path).read_text())
+    if "delta_mask" not in raw:
+        return
+    have = None if raw["delta_mask"] is None else [bool(m) for m in raw["delta_mask"]]
+    want = None if delta_mask is None else [bool(m) for m in delta_mask]
+    if have != want:
+        raise ValueError(f"{path}: these stats are of {'delta actions ' + str(have) if have else 'absolute actions'}, "
+                         f"but training uses {'delta actions ' + str(want) if want else 'absolute actions'}: recompute "
+                         f"them with `python data.py stats` and the same --openpi-config / --delta-mask")
 
 
 def load_norm_stats(path):
@@ -533,6 +549,9 @@ def main(argv=None):
     parser.add_argument("--out", default="norm_stats.json", help="stats: where to write norm_stats.json")
     parser.add_argument("--chunk-size", type=int, default=50, help="action chunk (used with --delta-mask)")
     parser.add_argument("--delta-mask", default=None, help="e.g. 6,-1,6,-1: stats of delta actions")
+    parser.add_argument("--openpi-config", default=None, metavar="NAME",
+                        help="stats of what openpi config NAME trains on (robots.py: its repack, robot transforms, "
+                             "deltas), exactly what train.py --openpi-config normalizes")
     parser.add_argument("--prompt", default=None, help="HDF5: prompt for files without a 'prompt' attribute")
     parser.add_argument("--fps", type=float, default=None, help="HDF5: fps for files without an 'fps' attr")
     parser.add_argument("--state-key", default="observation.state", help="LeRobot only: the state feature")
@@ -542,14 +561,22 @@ def main(argv=None):
     is_lerobot = (Path(args.dataset) / "meta" / "info.json").exists()
     kwargs = dict(state_key=args.state_key, action_key=args.action_key) if is_lerobot else \
         dict(prompt=args.prompt, fps=args.fps)
-    dataset = open_dataset(args.dataset, args.chunk_size, **kwargs)
+    mask = make_bool_mask(*[int(d) for d in args.delta_mask.split(",")]) if args.delta_mask else None
+    if args.openpi_config:
+        import robots
+        c = robots.openpi_config(args.openpi_config)
+        dataset = robots.open_robot_dataset(args.dataset, args.openpi_config, c.action_horizon or args.chunk_size)
+        given, mask = mask, robots.policy_settings(args.openpi_config, False)["delta_mask"]
+        if given is not None and list(given) != mask:
+            raise ValueError(f"--delta-mask {args.delta_mask} disagrees with {args.openpi_config}'s {mask}")
+    else:
+        dataset = open_dataset(args.dataset, args.chunk_size, **kwargs)
     if args.command == "info":
         for k, v in dataset.describe().items():
             print(f"{k:>9}: {json.dumps(v, indent=2) if isinstance(v, dict) else v}")
         return
-    mask = make_bool_mask(*[int(d) for d in args.delta_mask.split(",")]) if args.delta_mask else None
     stats = compute_norm_stats(dataset, delta_mask=mask)
-    save_norm_stats(stats, args.out)
+    save_norm_stats(stats, args.out, delta_mask=None if mask is None else np.asarray(mask).tolist())
     print(f"wrote {args.out}: state {len(stats['state']['mean'])} dims, actions "
           f"{len(stats['actions']['mean'])} dims, {len(dataset)} frames, {dataset.num_episodes} episodes")
 

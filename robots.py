@@ -158,13 +158,18 @@ class OpenpiConfig:
     recipe: dict = field(default_factory=dict)  # training: openpi's values for train.py's flags
 
 
+# openpi's TrainConfig defaults, as train.py's flags (its CosineDecaySchedule: warm-up 1k steps to
+# 2.5e-5, cosine down to 2.5e-6 over the 30k steps; AdamW b2 0.95, clip 1, weight decay 1e-10 are
+# already train.py's own defaults); the configs below override some of them.
+RECIPE = dict(batch_size=32, steps=30_000, lr=2.5e-5, warmup=1_000, end_lr_frac=0.1, ema=0.99)
+
 _PEN = {"images/cam_high": "observation.images.cam_high", "images/cam_left_wrist": "observation.images.cam_left_wrist",
         "images/cam_right_wrist": "observation.images.cam_right_wrist", "state": "observation.state",
         "actions": "action"}
-_PI05_LIBERO = dict(batch_size=256, lr=5e-5, warmup_steps=10_000, decay_steps=1_000_000, min_lr=5e-5,
-                    ema=0.999, steps=30_000)
-_FULL_DROID = dict(batch_size=256, lr=5e-5, warmup_steps=1_000, decay_steps=1_000_000, min_lr=5e-5, steps=100_000)
-_LORA = dict(steps=30_000, lora=True, ema=None)  # openpi's *_low_mem_finetune: LoRA, no EMA
+# decay_lr = peak_lr in these: a constant LR after the warm-up
+_PI05_LIBERO = dict(batch_size=256, lr=5e-5, warmup=10_000, end_lr_frac=1.0, ema=0.999, steps=30_000)
+_FULL_DROID = dict(batch_size=256, lr=5e-5, warmup=1_000, end_lr_frac=1.0, steps=100_000)
+_LORA = dict(steps=30_000, lora=True, ema=0.0)  # openpi's *_low_mem_finetune: LoRA, no EMA
 
 OPENPI_CONFIGS = {
     # ALOHA: inference configs for the base models, and the fine-tunes
@@ -219,6 +224,11 @@ def openpi_config(name):
     return OPENPI_CONFIGS[name]
 
 
+def recipe(name):
+    """train.py's flags for openpi config `name`: openpi's TrainConfig defaults + the config's."""
+    return dict(RECIPE, **openpi_config(name).recipe)
+
+
 def model_views(robot, model):
     """(model camera -> request key or None, whether a None view is masked out) for one model."""
     if model == "pi0_fast":
@@ -264,10 +274,11 @@ def hwc(image, key):
     return np.ascontiguousarray(as_uint8_image(image, key))
 
 
-def robot_inputs(settings, request):
+def robot_inputs(settings, request, state=None):
     """A request in the robot's keys -> {"images": {model camera: uint8 HWC}, "image_masks":
     {camera: bool}, "state": (S,) in the model's space, "prompt"?, "actions"? (C, A) in the
-    model's space}. settings: the checkpoint's policy.json (policy_settings)."""
+    model's space}. settings: the checkpoint's policy.json (policy_settings). state: the robot's
+    state already assembled (a dataset's state column) instead of the request's state keys."""
     robot = ROBOTS[settings["robot"]]
     if not isinstance(request, dict):
         raise TypeError(f"expected a dict observation, got {type(request).__name__}")
@@ -283,7 +294,7 @@ def robot_inputs(settings, request):
                              f"expected some of {sorted(known - {None})}")
     wanted = [k for k in settings["views"].values() if k is not None]
     missing = [k for k in wanted if k not in images and k not in robot.optional_images]
-    missing += [k for k in robot.state if k not in request]
+    missing += [k for k in robot.state if k not in request and state is None]
     if missing:
         raise KeyError(f"{settings['robot']} observation lacks {missing} (have {sorted(request)})")
     present = {k: hwc(images[k], k) for k in wanted if k in images}
@@ -292,7 +303,9 @@ def robot_inputs(settings, request):
     for view, key in settings["views"].items():
         out["images"][view] = present.get(key, blank)
         out["image_masks"][view] = key in present or (key is None and not settings["empty_views_masked"])
-    state = np.concatenate([np.asarray(request[k], np.float64).reshape(-1) for k in robot.state])
+    if state is None:
+        state = np.concatenate([np.asarray(request[k], np.float64).reshape(-1) for k in robot.state])
+    state = np.asarray(state, np.float64)
     if state.shape != (robot.state_width,):
         raise ValueError(f"{settings['robot']} state ({' + '.join(robot.state)}) has {state.size} values, "
                          f"expected {robot.state_width}")
@@ -317,3 +330,86 @@ def robot_outputs(settings, actions):
     """Model-space absolute actions (..., C, A >= robot width) -> the robot's (..., C, width)."""
     actions = np.array(actions[..., :settings["action_dim"]], np.float64)
     return aloha_actions_from_pi(actions) if settings.get("adapt_to_pi") else actions
+
+
+# ----------------------------------------------------------------------------------------------
+# Training on a robot's dataset the way openpi reads it: its columns repacked into the robot's
+# request (openpi's RepackTransform), then the same robot_inputs as at inference, with actions
+
+
+class RobotDataset:
+    """A dataset (readers.py) seen through an openpi config: samples are robot_inputs of the
+    repacked request (model cameras, zero views, ALOHA's adapt_to_pi on state and actions); state
+    and actions columns are in the model's space too, for norm stats and the FAST tokenizer.
+    data.Transforms then takes deltas and normalizes, exactly as for any other dataset."""
+
+    def __init__(self, dataset, settings, images, prompt_from_task=True):
+        self.dataset, self.settings, self.images = dataset, settings, images  # images: request key <- camera
+        # openpi's prompt: the LeRobot task, or (configs without prompt_from_task) the default prompt
+        self.prompt = None if prompt_from_task else settings["default_prompt"]
+        self.cameras = list(settings["views"])  # the model's views
+        self.num_episodes, self.ep_start, self.ep_end = dataset.num_episodes, dataset.ep_start, dataset.ep_end
+        state = dataset.state.astype(np.float64)
+        self.state = (aloha_state_to_pi(state) if settings["adapt_to_pi"] else state).astype(np.float32)
+        self.actions = robot_actions_to_model(settings, dataset.actions).astype(np.float32)
+
+    def __getattr__(self, name):  # everything else (chunk_size, fps, tasks, ...) is the dataset's
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        s = self.dataset[i]
+        group = ROBOTS[self.settings["robot"]].image_group
+        images = {key.split("/", 1)[1] if group else key: s["images"][cam] for key, cam in self.images.items()}
+        request = {group: images} if group else images
+        prompt = self.prompt if self.prompt is not None else s["prompt"]
+        out = robot_inputs(self.settings, dict(request, actions=s["actions"], prompt=prompt), state=s["state"])
+        return dict(out, action_is_pad=s["action_is_pad"])
+
+    def action_chunks(self, rows):
+        chunks, is_pad = self.dataset.action_chunks(rows)
+        return robot_actions_to_model(self.settings, chunks).astype(np.float32), is_pad
+
+    def describe(self):
+        return dict(self.dataset.describe(), openpi_config=self.settings["openpi_config"], cameras=self.images)
+
+
+def dataset_columns(name, cameras, lerobot=True):
+    """(request image key -> dataset camera, state column, action column) for openpi config
+    `name` on a dataset with these cameras: the config's repack names LeRobot columns; an HDF5
+    (ALOHA layout) file names its cameras like the robot's request. A camera the robot needs that
+    the dataset lacks is an error listing both sides."""
+    c = openpi_config(name)
+    robot, repack = ROBOTS[c.robot], c.dataset or ROBOTS[c.robot].dataset
+    if len(robot.state) != 1:
+        raise ValueError(f"{name}: training reads one state column, {c.robot} assembles its state from "
+                         f"{list(robot.state)} (openpi trains DROID from its RLDS release): not supported yet")
+    images = {}
+    for key, column in repack.items():
+        if key in robot.state or key == "actions":
+            continue
+        in_request = key.split("/", 1)[1] if robot.image_group else key
+        found = [cam for cam in ((column,) if lerobot else ()) + (in_request,) if cam in cameras]
+        if found:
+            images[key] = found[0]
+        elif in_request not in robot.optional_images:
+            raise KeyError(f"{name} needs camera '{column}' (the robot's {key}); the dataset has {list(cameras)}")
+    return images, repack[robot.state[0]], repack["actions"]
+
+
+def open_robot_dataset(path, name, chunk_size):
+    """Open a LeRobot or HDF5 dataset at `path` as openpi config `name` reads it (RobotDataset)."""
+    from readers import LeRobotDataset, open_dataset
+    c = openpi_config(name)
+    probe = open_dataset(path, chunk_size)
+    lerobot = isinstance(probe, LeRobotDataset)
+    images, state, actions = dataset_columns(name, probe.cameras, lerobot)
+    kwargs = dict(cameras=list(images.values()))
+    if lerobot:
+        kwargs.update(state_key=state, action_key=actions)
+    settings = policy_settings(name, use_quantiles=c.model != "pi0")
+    return RobotDataset(open_dataset(path, chunk_size, **kwargs), settings, images, c.prompt_from_task)

@@ -39,7 +39,11 @@ import torch.distributed as dist
 # ---------------------------------------------------------------------------------------------
 # Knobs: every one of them, with what it does.
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.add_argument("--model", choices=["pi0", "pi05", "pi0_fast"], default="pi05", help="which model to train")
+p.add_argument("--model", choices=["pi0", "pi05", "pi0_fast"], default=None,
+               help="which model to train (default: pi05, or the --openpi-config's)")
+p.add_argument("--openpi-config", default=None, metavar="NAME",
+               help="train as openpi's config NAME does (robots.py): its repack, robot transforms, deltas, cameras, "
+                    "horizon and recipe (flags given explicitly win); the export serves like a converted checkpoint")
 p.add_argument("--config", default="tiny", help="model preset: tiny (CPU demo, tests) or full (openpi's sizes)")
 p.add_argument("--data", nargs="*", default=None,
                help="datasets (LeRobot dir, HDF5 file or dir), each optionally PATH:WEIGHT; none = the built-in task")
@@ -49,16 +53,19 @@ p.add_argument("--init", default=None, help="checkpoint directory to start from 
 p.add_argument("--out", default=None, help="run directory (default: runs/<model>)")
 p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
 p.add_argument("--resume-allow", default="", help="comma list of knobs --resume may see changed (e.g. steps,lr)")
-p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-p.add_argument("--batch-size", type=int, default=32, help="global batch size (all ranks, all accumulation steps)")
+p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000; openpi configs: theirs)")
+p.add_argument("--batch-size", type=int, default=None,
+               help="global batch size, all ranks and accumulation steps (default 32; openpi configs: theirs)")
 p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
-p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (openpi fine-tuning: 2.5e-5)")
-p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-p.add_argument("--end-lr-frac", type=float, default=0.1, help="final LR as a fraction of the peak (cosine decay)")
+p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; openpi configs: 2.5e-5 or theirs)")
+p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 100; openpi configs: theirs)")
+p.add_argument("--end-lr-frac", type=float, default=None,
+               help="final LR as a fraction of the peak, cosine decay (default 0.1; openpi configs: theirs)")
 p.add_argument("--weight-decay", type=float, default=1e-10, help="AdamW weight decay (openpi: 1e-10)")
 p.add_argument("--b2", type=float, default=0.95, help="AdamW beta2 (openpi: 0.95)")
 p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm")
-p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights (0 = off); the EMA is exported")
+p.add_argument("--ema", type=float, default=None,
+               help="EMA decay of the weights, 0 = off; the EMA is exported (default 0.99; openpi configs: theirs)")
 p.add_argument("--dropout", type=float, default=None, help="pi0.5 dropout (default: the config's, 0.1)")
 p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
 p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2, per layer")
@@ -112,7 +119,30 @@ def parse_data_spec(spec):
     return path, w
 
 
+# Defaults of the knobs an openpi config's recipe sets (robots.recipe) when they are not given.
+DEFAULTS = dict(model="pi05", steps=2000, batch_size=32, lr=1e-3, warmup=100, end_lr_frac=0.1, ema=0.99)
+
+
+def resolve_defaults(a):
+    """Fill the knobs left unset: from --openpi-config's recipe, else DEFAULTS. Prints the recipe."""
+    recipe = {}
+    if a.openpi_config:
+        import robots
+        c = robots.openpi_config(a.openpi_config)
+        if a.model not in (None, c.model):
+            raise ValueError(f"--model {a.model}, but --openpi-config {a.openpi_config} is a {c.model}")
+        recipe = dict(robots.recipe(a.openpi_config), model=c.model)
+        if recipe.pop("lora", None) and not a.lora:
+            a.lora = "llm,expert" if models.model_file(c.model).FLOW else "llm"
+        print0(f"openpi config {a.openpi_config}: {json.dumps(recipe)} (flags given explicitly win)")
+    for k, v in DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, recipe.get(k, v))
+
+
 def validate_args(a):
+    resolve_defaults(a)
+
     def need(ok, flag, allowed):
         if not ok:
             raise ValueError(f"{flag} {getattr(a, flag[2:].replace('-', '_'))!r}: {allowed}")
@@ -184,6 +214,11 @@ def model_config(a):
     if cfg.model != a.model:
         raise ValueError(f"--init {a.init} holds a {cfg.model} model, not --model {a.model}")
     changes = {}
+    if a.openpi_config:  # its cameras, horizon, prompt length and format
+        import robots
+        changes.update(robots.model_overrides(a.openpi_config))
+        if models.model_file(cfg.model).FLOW:
+            changes["action_dim"] = 32  # openpi's model width: the robot's dims, zero-padded
     if a.chunk:
         changes["action_horizon"] = a.chunk
     if hasattr(cfg, "knowledge_insulation"):  # pi0.5
@@ -206,7 +241,11 @@ def open_datasets(a, cfg, rank, ddp):
     for spec in specs:
         path, weight = parse_data_spec(spec)
         roots.append(path)
-        datasets.append(data.open_dataset(path, chunk_size=cfg.action_horizon))
+        if a.openpi_config:  # read as openpi reads it: repack, then the robot's own transforms
+            import robots
+            datasets.append(robots.open_robot_dataset(path, a.openpi_config, cfg.action_horizon))
+        else:
+            datasets.append(data.open_dataset(path, chunk_size=cfg.action_horizon))
         weights.append(weight)
     # a weight of 0 stays 0 (that dataset is never drawn); datasets without one weigh 1
     weights = None if all(w is None for w in weights) else [1.0 if w is None else w for w in weights]
@@ -217,16 +256,31 @@ def make_transforms(a, cfg, datasets, roots, sp, targets=None):
     """One data.Transforms per dataset: its cameras and norm stats, the model's prompt format."""
     spec = models.model_file(cfg.model)
     width = cfg.action_dim if spec.FLOW else None  # pi0-FAST pads nothing
+    delta_mask = None
+    if a.openpi_config:
+        import robots
+        delta_mask = robots.policy_settings(a.openpi_config, spec.USE_QUANTILES)["delta_mask"]
     out = []
     for ds, path in zip(datasets, roots):
         stats = a.norm_stats or os.path.join(path, "norm_stats.json")
         if not os.path.exists(stats):
-            raise FileNotFoundError(f"{stats}: no norm stats; run `python data.py stats {path} --out {stats}`")
+            how = f" --openpi-config {a.openpi_config}" if a.openpi_config else ""
+            raise FileNotFoundError(f"{stats}: no norm stats; run `python data.py stats {path}{how} --out {stats}`")
+        data.check_stats_representation(stats, delta_mask)
         out.append(data.Transforms(
             tokenize=models.prompt_tokenizer(cfg, sp), cameras=list(ds.cameras), norm_stats=stats,
-            use_quantiles=spec.USE_QUANTILES, state_dim=width, action_dim=width,
+            use_quantiles=spec.USE_QUANTILES, delta_mask=delta_mask, state_dim=width, action_dim=width,
             image_size=cfg.vision.image_size, targets=targets))
     return out
+
+
+def model_chunks(ds, t, rows):
+    """Action chunks of dataset rows as the model is trained on them: deltas (if the transforms
+    take them), normalized; for fitting and sizing the FAST tokens."""
+    chunks = ds.action_chunks(rows)[0]
+    if t.delta_mask is not None:
+        chunks = data.delta_actions(chunks, ds.state[rows], t.delta_mask)
+    return data.normalize(chunks, t.norm_stats["actions"], t.use_quantiles, "actions")
 
 
 def fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out):
@@ -239,8 +293,7 @@ def fit_or_load_fast(a, datasets, transforms, cfg, sp, rank, ddp, out):
         rng = np.random.default_rng(a.seed)
         ds, t = datasets[0], transforms[0]
         rows = rng.choice(len(ds), size=min(len(ds), 4000), replace=False)
-        chunks, _ = ds.action_chunks(rows)
-        chunks = data.normalize(chunks, t.norm_stats["actions"], t.use_quantiles, "actions")
+        chunks = model_chunks(ds, t, rows)
         # FAST ids land at the top of the vocabulary, clear of the text the prompts use
         vocab = fast_vocab_room(cfg.vocab_size, sp.vocab_size())
         os.makedirs(out, exist_ok=True)
@@ -261,7 +314,7 @@ def fast_target_length(a, fast, datasets, transforms):
     for ds, t in zip(datasets, transforms):
         for start in range(0, len(ds), 4096):
             rows = np.arange(start, min(len(ds), start + 4096))
-            chunks = data.normalize(ds.action_chunks(rows)[0], t.norm_stats["actions"], t.use_quantiles, "actions")
+            chunks = model_chunks(ds, t, rows)
             longest = max(longest, max(len(fast.encode(c, clip=True)) for c in chunks) + 2)
     if longest > a.max_fast_tokens:
         raise ValueError(f"the longest action chunk needs {longest} FAST target slots (its tokens, then '|' "
@@ -468,9 +521,13 @@ def export(path, model, ema, run, dataset):
             for p_, e in zip(model.parameters(), ema):
                 p_.copy_(e)
     transforms = run["transforms"][0]
-    policy = {"cameras": list(transforms.cameras), "use_quantiles": transforms.use_quantiles, "delta_mask": None,
-              "rtc_max_delay": run["rtc_max_delay"],
+    policy = {"cameras": list(transforms.cameras), "use_quantiles": transforms.use_quantiles,
+              "delta_mask": None if transforms.delta_mask is None else np.asarray(transforms.delta_mask).tolist(),
               "action_dim": int(dataset.actions.shape[1]), "state_dim": int(dataset.state.shape[1])}
+    if run["openpi_config"]:  # serves like a converted checkpoint of that config: the robot's own requests
+        import robots
+        policy = robots.policy_settings(run["openpi_config"], transforms.use_quantiles)
+    policy["rtc_max_delay"] = run["rtc_max_delay"]
     merged = merged_state(model)
     if run["rank"] == 0:
         models.save_pretrained(model, path, norm_stats=transforms.norm_stats, extra_files=run["files"],
@@ -574,7 +631,7 @@ def main(a):
     fast_files = [] if fast is None else [a.fast_tokenizer if a.fast_tokenizer and os.path.isfile(a.fast_tokenizer)
                                           else os.path.join(out, "fast_tokenizer.json")]
     run = dict(rank=rank, world=world, transforms=transforms, files=[tok_path] + fast_files,
-               rtc_max_delay=a.rtc_max_delay)
+               rtc_max_delay=a.rtc_max_delay, openpi_config=a.openpi_config)
     step = 0
     if a.resume:
         resume_from = latest_checkpoint(ckpt_dir)

@@ -172,3 +172,114 @@ def test_every_config_makes_a_consistent_policy_json():
         views = robots.model_overrides(name)["cameras"]
         assert views == list(s["views"]) and len(views) == 3
         assert s["empty_views_masked"] == (c.model != "pi0_fast")
+
+
+# -- the training half: openpi's LeRobot samples -> the same model inputs through train.py's path
+
+
+class OneSampleDataset:
+    """A reader-shaped dataset (readers.py's sample keys) around one raw LeRobot item of a fixture."""
+
+    def __init__(self, raw, images, state_key, action_key):
+        self.cameras = list(images.values())
+        self.sample = dict(images={cam: raw[cam] for cam in self.cameras}, state=raw[state_key],
+                           actions=raw[action_key], prompt=str(raw["task"]),
+                           action_is_pad=raw[f"{action_key}_is_pad"])
+        self.num_episodes, self.ep_start, self.ep_end = 1, np.array([0]), np.array([1])
+        self.state, self.actions = raw[state_key][None], raw[action_key][:1]
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return self.sample
+
+
+def test_training_samples_give_openpis_training_inputs(tmp_path):
+    """train_cases.npz: LeRobot items through openpi's training transforms (augmentation off) ->
+    model inputs. Ours: robots.RobotDataset (repack, adapt_to_pi, cameras, default prompt or task)
+    + train.make_transforms (deltas, normalization, prompt, padding)."""
+    import argparse
+    from dataclasses import replace
+
+    import models
+    import train
+    folders = [f for f in FOLDERS if os.path.exists(os.path.join(FIXTURES, f, "train_cases.npz"))]
+    assert folders, "no train_cases.npz in the openpi Policy fixtures"
+    for folder in folders:
+        root = os.path.join(FIXTURES, folder)
+        with open(os.path.join(root, "config.json")) as f:
+            config = json.load(f)
+        name = config["openpi_config_name"]
+        c = robots.OPENPI_CONFIGS[name]
+        cases = np.load(os.path.join(root, "train_cases.npz"))
+        cfg = replace(models.preset(c.model, "tiny"), action_dim=config["model_action_dim"],
+                      **robots.model_overrides(name))
+        cfg = replace(cfg, vision=replace(cfg.vision, image_size=224), max_token_len=config["max_token_len"])
+        stats = os.path.join(root, config["norm_stats_path"])
+        a = argparse.Namespace(norm_stats=stats, openpi_config=name)
+        sp = models.load_sentencepiece(os.path.join(root, "tokenizer.model"))
+        for n in range(config["train_samples"]):
+            raw = raw_observation(cases, f"sample{n}/raw/", nested=False)
+            images, state_key, action_key = robots.dataset_columns(name, [k for k in raw if np.ndim(raw[k]) == 3])
+            settings = robots.policy_settings(name, use_quantiles=c.model != "pi0")
+            ds = robots.RobotDataset(OneSampleDataset(raw, images, state_key, action_key), settings, images,
+                                     c.prompt_from_task)
+            (t,) = train.make_transforms(a, cfg, [ds], [root], sp)
+            got = t(ds[0])
+            want = lambda k: cases[f"sample{n}/model_input/{k}"]
+            uint8 = np.round((np.moveaxis(got["images"], 1, -1) + 1) / 2 * 255)
+            np.testing.assert_array_equal(uint8, np.stack([want(f"image/{v}") for v in cfg.cameras]))
+            assert got["image_masks"].tolist() == [bool(want(f"image_mask/{v}")) for v in cfg.cameras]
+            np.testing.assert_array_equal(got["tokens"], want("tokenized_prompt"))
+            np.testing.assert_array_equal(got["token_masks"], want("tokenized_prompt_mask"))
+            np.testing.assert_allclose(got["state"], want("state"), rtol=0, atol=1e-6, err_msg=f"{name} state")
+            np.testing.assert_allclose(got["actions"], want("actions"), rtol=0, atol=1e-5, err_msg=f"{name} actions")
+
+
+def test_fine_tune_with_an_openpi_config_then_serve_it(tmp_path):
+    """An ALOHA fine-tune as openpi's pi0_aloha_pen_uncap runs it, on ALOHA-layout HDF5 episodes:
+    stats of the delta actions in pi's joint space, named cameras (cam_right_wrist absent: zero
+    and masked), training, and an export that takes ALOHA's own requests with the same transforms."""
+    import subprocess
+    import sys
+
+    import readers
+    from conftest import train_tiny_sentencepiece
+    rng, ds = np.random.default_rng(0), tmp_path / "aloha"
+    ds.mkdir()
+    for e in range(2):
+        n, state = 12, rng.uniform(-0.5, 0.5, (12, 14)).astype(np.float32)
+        state[:, [6, 13]] = rng.uniform(0.2, 0.8, (n, 2))  # ALOHA's normalized linear grippers
+        images = {c: rng.integers(0, 256, (n, 48, 64, 3), dtype=np.uint8) for c in ("cam_high", "cam_left_wrist")}
+        readers.write_hdf5_episode(ds / f"episode_{e}.hdf5", state, state + 0.1, images, prompt="uncap the pen", fps=50)
+    sp = train_tiny_sentencepiece(["uncap the pen", "Transfer cube"] * 40, vocab_size=300)
+    (ds / "tokenizer.model").write_bytes(sp.serialized_model_proto())
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+    name = "pi0_aloha_pen_uncap"
+    absolute = run("data.py", "stats", str(ds), "--out", str(ds / "norm_stats.json"))
+    assert absolute.returncode == 0, absolute.stderr
+    train = ["train.py", "--openpi-config", name, "--data", str(ds), "--config", "tiny", "--steps", "2",
+             "--batch-size", "2", "--log-every", "1", "--eval-episodes", "0", "--out", str(tmp_path / "run")]
+    res = run(*train)  # stats of absolute actions, training on deltas: refused
+    assert res.returncode != 0 and "these stats are of absolute actions, but training uses delta actions" in res.stderr
+    res = run("data.py", "stats", str(ds), "--openpi-config", name, "--out", str(ds / "norm_stats.json"))
+    assert res.returncode == 0, res.stderr
+    res = run(*train)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f'openpi config {name}: ' in res.stdout and '"steps": 20000' in res.stdout  # the recipe, printed
+    policy = policy_mod.Policy(tmp_path / "run" / "final")
+    s = policy.settings
+    assert s["robot"] == "aloha" and s["adapt_to_pi"] and s["delta_mask"] == [True] * 6 + [False] + [True] * 6 + [False]
+    # the exported policy reads ALOHA's request into exactly the training sample's model inputs
+    (train_ds,) = [robots.open_robot_dataset(ds, name, policy.model.cfg.action_horizon)]
+    sample = train_ds.dataset[3]
+    request = {"images": {c: np.moveaxis(im, -1, 0) for c, im in sample["images"].items()},  # ALOHA sends CHW
+               "state": sample["state"], "prompt": "uncap the pen"}
+    batch, _ = policy.model_inputs([request])
+    want = policy.transforms(train_ds[3])
+    for k in ("images", "image_masks", "state", "tokens", "token_masks"):
+        np.testing.assert_allclose(batch[k][0].numpy(), want[k], rtol=0, atol=1e-6, err_msg=k)
+    assert want["image_masks"].tolist() == [True, True, False]
+    actions = policy.infer(request)["actions"]
+    assert actions.shape == (policy.model.cfg.action_horizon, 14) and np.isfinite(actions).all()
