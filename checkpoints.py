@@ -94,7 +94,8 @@ def latest_checkpoint(ckpt_root):
 RESUME_MUST_MATCH = ("model", "config", "init", "data", "norm_stats", "tokenizer", "batch_size", "lr", "warmup",
                      "end_lr_frac", "steps", "weight_decay", "b2", "clip", "ema", "dropout", "freeze", "lora",
                      "lora_rank", "fast", "knowledge_insulation", "fast_tokenizer", "max_fast_tokens", "chunk", "seed",
-                     "rtc_max_delay")
+                     "rtc_max_delay", "augment", "openpi_config", "cameras",
+                     "lora_init")
 
 
 def check_resume_args(saved, a, path):

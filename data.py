@@ -280,20 +280,30 @@ def compute_norm_stats(dataset, *, delta_mask=None, bins=5000, progress=True):
 
 def save_norm_stats(stats, path, **representation):
     """Write openpi's norm_stats.json atomically (temporary file, then rename). representation:
-    what the stats are of, recorded beside openpi's key (e.g. delta_mask=[...] or None)."""
+    what the stats are of (e.g. delta_mask=[...] or None), written beside it to stats_meta_path
+    (openpi's loader refuses any key but "norm_stats", so the file itself stays openpi's)."""
     out = {"norm_stats": {k: {s: np.asarray(v, np.float64).tolist() for s, v in d.items()}
-                          for k, d in stats.items()}, **representation}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+                          for k, d in stats.items()}}
+    for target, obj in ((path, out), (stats_meta_path(path), representation)):
+        if target != path and not representation:
+            continue
+        tmp = f"{target}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, target)
+
+
+def stats_meta_path(path):
+    """norm_stats.json -> norm_stats.meta.json: what the stats were computed on."""
+    return str(Path(path).with_suffix("")) + ".meta.json"
 
 
 def check_stats_representation(path, delta_mask):
-    """Stats written here record whether their actions were deltas ("delta_mask"); training on the
-    other representation would normalize with the wrong spread, silently. openpi's files do not
-    say, and are taken as they are."""
-    raw = json.loads(Path(path).read_text())
+    """Stats written by `data.py stats` record whether their actions were deltas ("delta_mask", in
+    stats_meta_path); training on the other representation would normalize with the wrong
+    spread, silently. openpi's files do not say, and are taken as they are."""
+    meta = Path(stats_meta_path(path))
+    raw = json.loads(meta.read_text()) if meta.exists() else {}
     if "delta_mask" not in raw:
         return
     have = None if raw["delta_mask"] is None else [bool(m) for m in raw["delta_mask"]]

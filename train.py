@@ -47,6 +47,9 @@ p.add_argument("--openpi-config", default=None, metavar="NAME",
 p.add_argument("--config", default="tiny", help="model preset: tiny (CPU demo, tests) or full (openpi's sizes)")
 p.add_argument("--data", nargs="*", default=None,
                help="datasets (LeRobot dir, HDF5 file or dir), each optionally PATH:WEIGHT; none = the built-in task")
+p.add_argument("--cameras", default=None, metavar="VIEW=CAMERA,...",
+               help="which dataset camera feeds each model view, e.g. base_0_rgb=observation.images.top; views "
+                    "left out are zero-filled and masked (default: same names, or the dataset's from scratch)")
 p.add_argument("--norm-stats", default=None, help="norm_stats.json to use for all datasets (default: each dataset's own)")
 p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: from --init, or the built-in task's)")
 p.add_argument("--init", default=None, help="checkpoint directory to start from (e.g. from convert_jax.py)")
@@ -65,7 +68,8 @@ p.add_argument("--weight-decay", type=float, default=1e-10, help="AdamW weight d
 p.add_argument("--b2", type=float, default=0.95, help="AdamW beta2 (openpi: 0.95)")
 p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm")
 p.add_argument("--ema", type=float, default=None,
-               help="EMA decay of the weights, 0 = off; the EMA is exported (default 0.99; openpi configs: theirs)")
+               help="EMA decay of the weights, 0 = off; the EMA is exported (default 0.99, 0 with --lora as openpi; "
+                    "openpi configs: theirs)")
 p.add_argument("--dropout", type=float, default=None, help="pi0.5 dropout (default: the config's, 0.1)")
 p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
 p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2, per layer")
@@ -73,6 +77,8 @@ p.add_argument("--checkpointing", action="store_true", help="activation checkpoi
 p.add_argument("--freeze", default="", help="comma list of parts not to train: vision, llm (the PaliGemma expert)")
 p.add_argument("--lora", default="", help="comma list of Gemma experts to train by LoRA only: llm, expert")
 p.add_argument("--lora-rank", default="16,32", help="LoRA rank for llm,expert (openpi: 16 and 32; alpha = rank)")
+p.add_argument("--lora-init", choices=["openpi", "zero"], default="openpi",
+               help="LoRA factors: openpi's (both N(0, 0.01)) or zero (B = 0: training starts at the checkpoint)")
 p.add_argument("--fast", type=int, default=0,
                help="pi0.5: co-train the VLM on the FAST tokens of the actions (pi0-FAST: always)")
 p.add_argument("--knowledge-insulation", type=int, default=0,
@@ -80,6 +86,9 @@ p.add_argument("--knowledge-insulation", type=int, default=0,
 p.add_argument("--fast-tokenizer", default=None, help="FAST tokenizer file or HF dir (default: fit one on the data)")
 p.add_argument("--max-fast-tokens", type=int, default=128, help="pi0.5: most FAST target slots per sample (fewer if the data needs fewer)")
 p.add_argument("--chunk", type=int, default=None, help="action horizon C (default: the config's)")
+p.add_argument("--augment", type=int, default=None, choices=[0, 1],
+               help="openpi's image augmentation in training (augment.py: crop, rotate, colour jitter); "
+                    "default 1 with --data, 0 on the built-in task")
 p.add_argument("--rtc-max-delay", type=int, default=0,
                help="training-time real-time chunking: a committed prefix of 0..D steps, given clean at t = 0 "
                     "(pi0 / pi0.5; 0 = off)")
@@ -93,11 +102,12 @@ p.add_argument("--stop-after", type=int, default=None, help="exit after this ste
 p.add_argument("--wandb", default=None, help="log to Weights & Biases under this project name (pip install wandb)")
 args = p.parse_args() if __name__ == "__main__" else None
 
-import data  # noqa: E402  (after argparse so --help is instant)
+import augment  # noqa: E402  (after argparse so --help is instant)
+import data  # noqa: E402
 import models  # noqa: E402
 from checkpoints import (RESUME_MUST_MATCH, latest_checkpoint, load_training_state, merged_state,  # noqa: E402
                          save_training_state)
-from lora import add_lora  # noqa: E402
+from lora import apply_openpi_lora  # noqa: E402
 from pi0 import free_steps, sample_noise_and_time  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +130,7 @@ def parse_data_spec(spec):
 
 
 # Defaults of the knobs an openpi config's recipe sets (robots.recipe) when they are not given.
-DEFAULTS = dict(model="pi05", steps=2000, batch_size=32, lr=1e-3, warmup=100, end_lr_frac=0.1, ema=0.99)
+DEFAULTS = dict(model="pi05", augment=None, steps=2000, batch_size=32, lr=1e-3, warmup=100, end_lr_frac=0.1, ema=0.99)
 
 
 def resolve_defaults(a):
@@ -135,9 +145,13 @@ def resolve_defaults(a):
         if recipe.pop("lora", None) and not a.lora:
             a.lora = "llm,expert" if models.model_file(c.model).FLOW else "llm"
         print0(f"openpi config {a.openpi_config}: {json.dumps(recipe)} (flags given explicitly win)")
+    if a.ema is None and a.lora and "ema" not in recipe:
+        a.ema = 0.0  # openpi runs its LoRA configs without an EMA
     for k, v in DEFAULTS.items():
         if getattr(a, k) is None:
             setattr(a, k, recipe.get(k, v))
+    if a.augment is None:  # openpi's recipe augments; the built-in task's figures were measured without
+        a.augment = int(bool(a.data))
 
 
 def validate_args(a):
@@ -252,6 +266,28 @@ def open_datasets(a, cfg, rank, ddp):
     return datasets, roots, weights
 
 
+def camera_map(a, cfg, ds):
+    """Model view -> this dataset's camera, or None (a zero image, masked), by name: --cameras,
+    else the same names. A camera that feeds no view, or a view name the model lacks, is an error
+    listing both sides: a wrist view in the base slot trains without a word otherwise."""
+    views, cams = list(cfg.cameras), list(ds.cameras)
+    if a.openpi_config:  # robots.RobotDataset already speaks in model views
+        return views
+    if a.cameras:
+        pairs = dict(p.split("=", 1) if "=" in p else (p, "") for p in a.cameras.split(","))
+        bad = {v: c for v, c in pairs.items() if v not in views or c not in cams}
+        unused = [c for c in cams if c not in pairs.values()]
+        if bad or unused:
+            raise ValueError(f"--cameras {a.cameras}: the model's views are {views}, the dataset's cameras {cams}"
+                             + (f"; not a view or not a camera: {bad}" if bad else "")
+                             + (f"; cameras that feed no view: {unused}" if unused else ""))
+        return [pairs.get(v) for v in views]
+    if set(cams) <= set(views):
+        return [v if v in cams else None for v in views]
+    raise ValueError(f"the model's views {views} and the dataset's cameras {cams} do not match by name: "
+                     "map them with --cameras VIEW=CAMERA,... (views left out are zero-filled and masked)")
+
+
 def make_transforms(a, cfg, datasets, roots, sp, targets=None):
     """One data.Transforms per dataset: its cameras and norm stats, the model's prompt format."""
     spec = models.model_file(cfg.model)
@@ -268,7 +304,7 @@ def make_transforms(a, cfg, datasets, roots, sp, targets=None):
             raise FileNotFoundError(f"{stats}: no norm stats; run `python data.py stats {path}{how} --out {stats}`")
         data.check_stats_representation(stats, delta_mask)
         out.append(data.Transforms(
-            tokenize=models.prompt_tokenizer(cfg, sp), cameras=list(ds.cameras), norm_stats=stats,
+            tokenize=models.prompt_tokenizer(cfg, sp), cameras=camera_map(a, cfg, ds), norm_stats=stats,
             use_quantiles=spec.USE_QUANTILES, delta_mask=delta_mask, state_dim=width, action_dim=width,
             image_size=cfg.vision.image_size, targets=targets))
     return out
@@ -381,10 +417,9 @@ def build_model(a, cfg, device, ddp):
     model.to(device)
     for part in filter(None, a.freeze.split(",")):
         {"vision": model.vision, "llm": model.llm.expert(0)}[part].requires_grad_(False)
-    if a.lora:
+    if a.lora:  # openpi's adapters and freeze rule (lora.py)
         ranks = dict(zip(["llm", "expert"], map(int, a.lora_rank.split(","))))
-        for part in a.lora.split(","):
-            add_lora(model.llm.expert({"llm": 0, "expert": 1}[part]), ranks[part], alpha=ranks[part])
+        apply_openpi_lora(model, a.lora.split(","), ranks, a.lora_init)
     layers = list(model.vision.blocks) + list(model.llm.layers)  # the per-layer units
     if a.checkpointing:
         for layer in layers:
@@ -423,6 +458,14 @@ def draw_noise_and_time(step, global_batch, shape, seed, device):
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     noise, time_ = sample_noise_and_time((global_batch, *shape), generator=g)
     return noise.to(device), time_.to(device)
+
+
+def augment_images(images, step, a, cameras, rank, world):
+    """openpi's augmentation (augment.py) of this rank's images; its random numbers are drawn for
+    the whole global batch from (seed, step), like the noise, and each rank takes its own rows."""
+    g = torch.Generator().manual_seed(a.seed * 1_000_003 + step + 3_333_333)  # apart from the noise's
+    u = augment.draw(a.batch_size, len(cameras), g)
+    return augment.augment(images, cameras, {k: v[rank::world] for k, v in u.items()})
 
 
 def draw_delays(step, global_batch, max_delay, seed, device):
@@ -468,6 +511,8 @@ def train_step(a, step, model, batch, terms, weights, flow, ctx):
         if a.rtc_max_delay:
             delay = draw_delays(step, a.batch_size, a.rtc_max_delay, a.seed, device)[rank::world]
             free = free_steps(delay, cfg.action_horizon)
+    if a.augment:
+        batch = dict(batch, images=augment_images(batch["images"], step, a, cfg.cameras, rank, world))
     shares = loss_shares(batch, terms, a.grad_accum, device, ddp, free)
     micro = len(batch["state"]) // a.grad_accum
     sums = {}

@@ -210,3 +210,107 @@ def test_readme_main_command_learns(tmp_path):
     from policy import Policy
     r = sim.evaluate(Policy(tmp_path / "runs" / "pi05" / "final"), "builtin", 100, seed=sim.DEMO_SEED, progress=False)
     assert r["success_rate"] >= 0.5, r["success_rate"]
+
+
+class PaliGemmaSizedTokenizer:
+    """A tiny SentencePiece model that reports PaliGemma's 257152 pieces, as the real tokenizer
+    does: the FAST ids must then land on the top <loc> tokens (openpi's placement)."""
+
+    def __init__(self, sp):
+        self.sp = sp
+
+    def vocab_size(self):
+        return 257152
+
+    def __getattr__(self, name):
+        return getattr(self.sp, name)
+
+
+def test_readme_fine_tune_command_from_a_converted_checkpoint(dataset, tmp_path, monkeypatch):
+    """The README's fine-tune, on a tiny config: pi0.5 from a converted openpi checkpoint with
+    PaliGemma's vocabulary size, FAST co-training and knowledge insulation on, named cameras."""
+    from dataclasses import replace
+
+    sys.path.insert(0, ROOT)
+    import convert_jax
+    import models
+    import pi05
+    import train
+    cfg = replace(pi05.CONFIGS["tiny"], vocab_size=257152)
+    params = tmp_path / "openpi" / "params"
+    params.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    convert_jax.write_orbax(params, ((k, (rng.standard_normal(s) * 0.05).astype(np.float32))
+                                     for k, s in convert_jax.openpi_shapes(cfg).items()))
+    convert_jax.convert(tmp_path / "openpi", tmp_path / "pi05_base", action_horizon=6, max_token_len=48)
+    real_load = models.load_sentencepiece
+    monkeypatch.setattr(models, "load_sentencepiece", lambda path: PaliGemmaSizedTokenizer(real_load(path)))
+    a = train.p.parse_args(["--model", "pi05", "--init", str(tmp_path / "pi05_base"), "--data", str(dataset),
+                            "--tokenizer", str(dataset / "tokenizer.model"), "--cameras", "base_0_rgb=top",
+                            "--fast", "1", "--knowledge-insulation", "1", "--batch-size", "4", "--lr", "2.5e-5",
+                            "--steps", "2", "--log-every", "1", "--out", str(tmp_path / "run")])
+    train.main(a)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert len(log) == 2 and all(np.isfinite(r["loss"]) and r["ce"] > 0 for r in log)
+    from fast_tokenizer import FASTTokenizer, fast_to_paligemma
+    fast = FASTTokenizer.load(str(tmp_path / "run" / "final" / "fast_tokenizer.json"))
+    ids = fast_to_paligemma(np.arange(fast.vocab_size), fast.vocab_size, 257152)
+    assert ids.min() >= 256000 and ids.max() == 257152 - 129  # on the <loc> tokens, as openpi's
+    settings = json.load(open(tmp_path / "run" / "final" / "policy.json"))
+    assert settings["cameras"] == ["top", None, None]  # two views zero-filled and masked
+
+
+def test_cameras_map_by_name_or_by_flag_and_mismatches_list_both_sides():
+    from types import SimpleNamespace
+    sys.path.insert(0, ROOT)
+    import train
+    cfg = SimpleNamespace(cameras=("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"))
+    ds = SimpleNamespace(cameras=["observation.images.top", "observation.images.wrist"])
+    a = SimpleNamespace(openpi_config=None, cameras=None)
+    with pytest.raises(ValueError, match="do not match by name: map them with --cameras"):
+        train.camera_map(a, cfg, ds)
+    a.cameras = "base_0_rgb=observation.images.top,left_wrist_0_rgb=observation.images.wrist"
+    assert train.camera_map(a, cfg, ds) == ["observation.images.top", "observation.images.wrist", None]
+    a.cameras = "base_0_rgb=observation.images.top"
+    with pytest.raises(ValueError, match=r"cameras that feed no view: \['observation.images.wrist'\]"):
+        train.camera_map(a, cfg, ds)
+    a.cameras = "base_0_rgb=observation.images.top,wrist=observation.images.wrist"
+    with pytest.raises(ValueError, match="not a view or not a camera: {'wrist'"):
+        train.camera_map(a, cfg, ds)
+    a.cameras = None
+    same = SimpleNamespace(cameras=["base_0_rgb", "right_wrist_0_rgb"])  # same names: by name, gaps masked
+    assert train.camera_map(a, cfg, same) == ["base_0_rgb", None, "right_wrist_0_rgb"]
+
+
+@pytest.mark.parametrize("name", ["pi0", "pi05"])
+@pytest.mark.parametrize("parts", [("llm", "expert"), ("expert",)])
+def test_lora_trainable_counts_follow_openpis_rule(name, parts):
+    """Trainable parameters per group, full size, against openpi's own rule computed from its
+    parameter tree: LoRA factors per head (q: [N, D, r] + [N, r, H], kv: [2, K, D, r] + [2, K, r, H],
+    attention output: [N, H, r] + [N, r, D], MLP: [2, D, r] + [2, r, F], [F, r] + [r, D]); frozen:
+    every path matching `.*llm.*` (LoRA on PaliGemma) or `.*llm.*_1.*` (on the action expert only)."""
+    import re
+    sys.path.insert(0, ROOT)
+    import convert_jax
+    import models
+    from lora import apply_openpi_lora
+    cfg = models.preset(name, "full")
+    ranks = {"llm": 16, "expert": 32}
+    with torch.device("meta"):
+        model = models.build(cfg)
+        apply_openpi_lora(model, parts, ranks)
+    ours = {"lora": 0, "other": 0}
+    for n, p_ in model.named_parameters():
+        if p_.requires_grad:
+            ours["lora" if ".lora_" in n else "other"] += p_.numel()
+    frozen = re.compile(".*llm.*" if "llm" in parts else ".*llm.*_1.*")
+    want_other = sum(int(np.prod(s)) for path, s in convert_jax.openpi_shapes(cfg).items() if not frozen.match(path))
+    want_lora = 0
+    for part in parts:
+        g, r = (cfg.llm if part == "llm" else cfg.expert), ranks[part]
+        D, N, K, H, F_ = g.width, g.num_heads, g.num_kv_heads, g.head_dim, g.mlp_dim
+        per_layer = (N * D * r + N * r * H) + (2 * K * D * r + 2 * K * r * H) + (N * H * r + N * r * D) \
+            + (2 * D * r + 2 * r * F_) + (F_ * r + r * D)
+        want_lora += g.depth * per_layer
+    assert ours == {"lora": want_lora, "other": want_other}
+    assert not model.llm.embed.weight.requires_grad or "llm" not in parts  # openpi freezes the embedding too
