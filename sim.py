@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import HDF5Dataset, compute_norm_stats, save_norm_stats, write_hdf5_episode
+from data import HDF5Dataset, compute_norm_stats, resize_with_pad, save_norm_stats, write_hdf5_episode
 from readers import require
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class AlohaEnv(GymAdapter):
                "insertion": "Insert the peg into the socket."}
 
     def __init__(self, camera="observation.images.top", prompt=None, max_steps=400, task="transfer_cube",
-                 image_size=(240, 320)):
+                 image_size=(240, 320), native=False):
         if task not in self.PROMPTS:
             raise ValueError(f"gym-aloha task {task!r}: one of {list(self.PROMPTS)}")
         os.environ.setdefault("MUJOCO_GL", "egl")  # read when dm_control is first imported
@@ -259,6 +259,10 @@ class AlohaEnv(GymAdapter):
         _require("gym_aloha", "gym-aloha")
         gym_id = {"transfer_cube": "gym_aloha/AlohaTransferCube-v0", "insertion": "gym_aloha/AlohaInsertion-v0"}[task]
         env = gym.make(gym_id, obs_type="pixels_agent_pos", max_episode_steps=max_steps, disable_env_checker=True)
+        super().__init__(env, camera, prompt or self.PROMPTS[task], max_steps)
+        self.cameras = (camera,)
+        if native:  # gym-aloha's own rendering, untouched
+            return
         dm_env = env.unwrapped._env                    # the dm_control Environment inside
         physics, dm_task = dm_env.physics, dm_env.task
         physics.model.light_castshadow[:] = 0          # each shadow is one more render pass per light
@@ -267,12 +271,29 @@ class AlohaEnv(GymAdapter):
         dm_task.get_observation = lambda physics: {   # replaces 3 cameras at 480x640 with 1 camera
             "qpos": dm_task.get_qpos(physics),
             "images": {"top": physics.render(height=height, width=width, camera_id="top")}}
-        super().__init__(env, camera, prompt or self.PROMPTS[task], max_steps)
-        self.cameras = (camera,)
+
+
+class OpenpiAlohaSim(AlohaEnv):
+    """gym-aloha as openpi's examples/aloha_sim drives it, for checkpoints of openpi's ALOHA
+    configs (convert_jax.py / train.py --openpi-config): gym-aloha's own 480x640 top camera,
+    resized with padding to 224 (openpi_client's resize_with_pad) and sent CHW as "cam_high";
+    the state is agent_pos; no prompt (the checkpoint's default prompt answers); gym-aloha's
+    300-step limit; openpi's ActionChunkBroker executes 10 actions per chunk (the default
+    n_action_steps of `sim.py eval --env aloha_sim`). The request is ALOHA's, the policy
+    applies adapt_to_pi and the rest itself."""
+    name = "aloha_sim"
+
+    def __init__(self, camera="cam_high", prompt=None, max_steps=300, task="transfer_cube"):
+        super().__init__(camera, prompt, max_steps, task, native=True)
+
+    def observation(self, raw):
+        image = resize_with_pad(np.asarray(raw["pixels"]["top"], np.uint8), 224, 224)
+        return {"images": {self.camera: np.ascontiguousarray(image.transpose(2, 0, 1))},  # CHW, as ALOHA sends
+                "state": np.asarray(raw["agent_pos"])}
 
 
 def make_env(name, **kwargs):
-    envs = {"builtin": ReachEnv, "pusht": PushTEnv, "aloha": AlohaEnv}
+    envs = {"builtin": ReachEnv, "pusht": PushTEnv, "aloha": AlohaEnv, "aloha_sim": OpenpiAlohaSim}
     if name not in envs:
         raise ValueError(f"unknown env {name!r}: one of {list(envs)}")
     return envs[name](**kwargs)
@@ -292,13 +313,19 @@ def wilson_interval(successes, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def frame(obs, env):
+    """The first camera's image of an observation, HWC (ALOHA's requests carry CHW)."""
+    image = obs["images"][env.cameras[0]]
+    return np.moveaxis(image, 0, -1) if image.shape[0] == 3 and image.shape[-1] != 3 else image
+
+
 def run_lockstep(policy, envs, seeds, s, d, rtc, n_frames, stats, bar):
     """One batch of episodes in lockstep to the end: a chunk is asked for at the start and once
     s actions of the current one ran; with a delay d the current chunk runs on for d steps and
     the new one takes over at its index d. -> (per-episode results, recorded frames).
     stats accumulates infer_s, step_s, calls, chunks and the switch jumps."""
     obs = [env.reset(s_) for env, s_ in zip(envs, seeds)]
-    frames = [[o["images"][envs[0].cameras[0]]] for o in obs[:n_frames]]
+    frames = [[frame(o, envs[0])] for o in obs[:n_frames]]
     n = len(seeds)
     chunk, idx, pending, length, live, results = [None] * n, [0] * n, [None] * n, [0] * n, list(range(n)), []
     undecoded = [0] * n  # chunks per episode that did not decode (pi0-FAST)
@@ -340,11 +367,11 @@ def run_lockstep(policy, envs, seeds, s, d, rtc, n_frames, stats, bar):
             obs[j], success, done = envs[j].step(chunk[j][idx[j]])
             idx[j], length[j] = idx[j] + 1, length[j] + 1
             if j < len(frames):
-                frames[j].append(obs[j]["images"][envs[j].cameras[0]])
+                frames[j].append(frame(obs[j], envs[j]))
             if done:
                 live.remove(j)
                 results.append(dict(seed=seeds[j], success=bool(success), length=length[j],
-                                    prompt=obs[j]["prompt"], undecoded_chunks=int(undecoded[j])))
+                                    prompt=obs[j].get("prompt"), undecoded_chunks=int(undecoded[j])))
                 bar.update(1)
         stats["step_s"] += time.perf_counter() - t0
     return sorted(results, key=lambda r: r["seed"]), frames
@@ -407,7 +434,7 @@ def save_eval(result, out, checkpoint=None):
     paths = [out / "eval.json"]
     paths[0].write_text(json.dumps(dict(result, checkpoint=checkpoint), indent=2))
     if videos:
-        fps = {"builtin": FPS, "pusht": 10, "aloha": 50}[result["env"]]
+        fps = {"builtin": FPS, "pusht": 10, "aloha": 50, "aloha_sim": 50}[result["env"]]
         paths.append(out / "eval.gif")
         save_gif(videos, paths[1], fps=min(fps, 25))
     return paths
@@ -557,8 +584,10 @@ def cmd_eval(args):
     env_kwargs = {} if args.camera is None else {"camera": args.camera}
     if args.env != "builtin":
         env_kwargs.update({k: v for k, v in dict(prompt=args.prompt, max_steps=args.max_steps).items() if v})
-    if args.env == "aloha":
+    if args.env in ("aloha", "aloha_sim"):
         env_kwargs["task"] = args.aloha_task
+    if args.n_action_steps is None:  # openpi's ActionChunkBroker runs 10 per chunk in aloha_sim
+        args.n_action_steps = 10 if args.env == "aloha_sim" else 5
     if args.expert:
         if args.env != "builtin":
             raise ValueError("--expert exists for the builtin env only")
@@ -600,10 +629,12 @@ def main(argv=None):
     ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
     ev.add_argument("--checkpoint", help="checkpoint directory (policy.Policy)")
     ev.add_argument("--expert", action="store_true", help="builtin only: evaluate the scripted expert instead")
-    ev.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha"])
+    ev.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha", "aloha_sim"],
+                    help="aloha_sim: gym-aloha through openpi's ALOHA request (for openpi ALOHA checkpoints)")
     ev.add_argument("--episodes", type=int, default=100, help="number of seeded episodes")
     ev.add_argument("--seed", type=int, default=EVAL_SEED, help="episode i uses seed + i (demos use 0..)")
-    ev.add_argument("--n-action-steps", type=int, default=5, help="actions executed per chunk before replanning")
+    ev.add_argument("--n-action-steps", type=int, default=None,
+                    help="actions executed per chunk before replanning (default 5; aloha_sim 10, as openpi)")
     ev.add_argument("--batch-size", type=int, default=100, help="episodes run at once (one policy call)")
     ev.add_argument("--device", default="cpu", help="device of the policy")
     ev.add_argument("--camera", default=None, help="the policy's camera name for the env's camera")

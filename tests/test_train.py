@@ -60,6 +60,28 @@ def test_two_processes_equal_one_and_resume_is_exact(dataset, tmp_path):
     assert os.path.exists(tmp_path / "one" / "final" / "policy.json")
 
 
+def test_two_node_agents_equal_one_process(dataset, tmp_path):
+    """Two torchrun node agents rendezvousing over TCP, as on two hosts of a cluster (here both on
+    this machine): the same losses as one process."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+           "train.py", "--out", str(tmp_path / "two"), "--eval-episodes", "0", "--log-every", "1"] + common(dataset, "pi0")
+    agents = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outputs = [agent.communicate(timeout=600) for agent in agents]
+    for agent, (out, err) in zip(agents, outputs):
+        assert agent.returncode == 0, out[-2000:] + err[-4000:]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
+    one = run(common(dataset, "pi0"), tmp_path / "one")
+    assert len(two) == len(one) == 6
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5, atol=2e-6, err_msg=f"step {a['step']}")
+
+
 def test_grad_accumulation_equals_one_big_batch(dataset, tmp_path):
     one = run(common(dataset, "pi0"), tmp_path / "one")
     acc = run(common(dataset, "pi0") + ["--grad-accum", "2"], tmp_path / "acc")
