@@ -28,6 +28,10 @@ The batch dict, what the models' forward and sampling take:
     token_ar_masks    int64    (B, L)           pi0-FAST (WithFastPrompt): 0 on the prompt, 1 on the
                                                 answer "Action: " + FAST ids + "|" EOS
     token_loss_masks  bool     (B, L)           pi0-FAST: True where the next-token loss counts
+  with a RECAP indicator in the sample (recap.py; train.py --recap, Policy with "recap"):
+    tokens            int64    (B, L)           the prompt with "Advantage: positive" / "negative"
+    uncond_tokens     int64    (B, L)           the same prompt without it (indicator dropout, CFG)
+    uncond_token_masks bool    (B, L)
 
 At inference a sample has no chunk, so there are no actions / action_masks. pi0-FAST pads nothing
 (Transforms with state_dim = action_dim = None): its state is (B, S), and A is the robot's own.
@@ -400,6 +404,10 @@ class Transforms:
         out = dict(images=np.stack(views), image_masks=np.array(masks),
                    state=pad_last(state, self.state_dim)[0] if self.state_dim else state,
                    tokens=np.asarray(tokens, np.int64), token_masks=np.asarray(token_masks, bool))
+        if sample.get("indicator") is not None:  # RECAP: the prompt with the indicator, and without it
+            out["uncond_tokens"], out["uncond_token_masks"] = out["tokens"], out["token_masks"]
+            tokens, token_masks = self.tokenize(sample["prompt"], state, indicator=bool(sample["indicator"]))
+            out["tokens"], out["token_masks"] = np.asarray(tokens, np.int64), np.asarray(token_masks, bool)
         if "actions" in sample:                                            # absent at inference
             actions = check_finite(sample["actions"], "actions")
             if self.delta_mask is not None:

@@ -331,14 +331,18 @@ class Pi0(nn.Module):
         return flops, weights
 
     @torch.no_grad()
-    def sample_actions(self, batch, noise=None, num_steps=10, rtc=None, committed=None):
+    def sample_actions(self, batch, noise=None, num_steps=10, rtc=None, committed=None, cfg_beta=None):
         """Integrate the velocity from noise (t = 1) to actions (t = 0): (B, C, A), normalized.
 
         The loop runs over Python floats, so no step waits on the device. Real-time chunking:
         rtc guides toward the actions already committed (RTCGuidance, inference-time); committed
         = (actions (B, C, A), delay (B,)) gives a model trained with --rtc-max-delay its first
-        delay[b] steps clean at t = 0, as in training, and returns them unchanged.
+        delay[b] steps clean at t = 0, as in training, and returns them unchanged. cfg_beta
+        (RECAP's classifier-free guidance, recap.py): v = v_uncond + beta (v_cond - v_uncond),
+        the unconditioned prompt in batch["uncond_tokens"] / ["uncond_token_masks"].
         """
+        if cfg_beta is not None:
+            return sample_guided(self, batch, noise, num_steps, cfg_beta)
         B = batch["state"].shape[0]
         device = batch["state"].device
         shape = (B, self.cfg.action_horizon, self.cfg.action_dim)
@@ -363,6 +367,27 @@ class Pi0(nn.Module):
                 v = rtc.guided_velocity(step, x, t)
             x = x + dt * v
         return x if committed is None else torch.where(free[..., None], x, clean)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-free guidance on the flow velocity (RECAP; recap.py trains the model for it)
+
+def sample_guided(model, batch, noise, num_steps, beta):
+    """Both prompts in one batch of 2B (conditioned first), one Euler path per example driven
+    by v_uncond + beta (v_cond - v_uncond). beta = 1 is plain conditioned sampling."""
+    B = batch["state"].shape[0]
+    both = {k: torch.cat([v, v]) for k, v in batch.items() if not k.startswith("uncond_")}
+    both["tokens"] = torch.cat([batch["tokens"], batch["uncond_tokens"]])
+    both["token_masks"] = torch.cat([batch["token_masks"], batch["uncond_token_masks"]])
+    shape = (B, model.cfg.action_horizon, model.cfg.action_dim)
+    x = torch.randn(shape, device=batch["state"].device) if noise is None else noise.float()
+    prefix_mask, cache = model.prefill(both)
+    times, dt = euler_times(num_steps)
+    for t in times:
+        t_batch = torch.full((2 * B,), t, dtype=torch.float32, device=x.device)
+        v_cond, v_uncond = model.denoise_step(both["state"], prefix_mask, cache, torch.cat([x, x]), t_batch).chunk(2)
+        x = x + dt * (v_uncond + beta * (v_cond - v_uncond))
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,12 +458,20 @@ def pad_tokens(ids, max_len):
     return tokens, np.arange(max_len) < len(ids)
 
 
-def tokenize_prompt(sp, prompt, max_len):
+def indicator_text(positive):
+    """RECAP's improvement indicator (recap.py), as text the prompt carries."""
+    return f"Advantage: {'positive' if positive else 'negative'}"
+
+
+def tokenize_prompt(sp, prompt, max_len, indicator=None):
     """pi0's prompt: BOS + cleaned text, then "\\n" encoded on its own ("start of answer").
 
     sp is a sentencepiece.SentencePieceProcessor (PaliGemma's tokenizer for real checkpoints).
+    indicator (RECAP, True / False): "\\nAdvantage: positive" / "negative" after the text.
     """
     clean = prompt.strip().replace("_", " ").replace("\n", " ")
+    if indicator is not None:
+        clean = f"{clean}\n{indicator_text(indicator)}"
     return pad_tokens(sp.encode(clean, add_bos=True) + sp.encode("\n"), max_len)
 
 
@@ -452,8 +485,8 @@ target_tokenizer = None  # pi0 learns from the flow-matching loss alone
 
 
 def prompt_tokenizer(cfg, sp):
-    """(prompt, normalized state) -> (ids, mask): pi0's prompt does not contain the state."""
-    return lambda prompt, state: tokenize_prompt(sp, prompt, cfg.max_token_len)
+    """(prompt, normalized state, RECAP indicator) -> (ids, mask): pi0's prompt has no state."""
+    return lambda prompt, state, indicator=None: tokenize_prompt(sp, prompt, cfg.max_token_len, indicator)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fast_tokenizer import fast_to_paligemma
 from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, KVCache, make_attn_mask, make_positions
-from pi0 import Pi0, Pi0Config, pad_tokens, posemb_sincos
+from pi0 import Pi0, Pi0Config, indicator_text, pad_tokens, posemb_sincos
 from pi0 import tokenize_prompt as tokenize_prompt_pi0
 
 
@@ -144,17 +144,20 @@ def discretize_state(state):
     return np.digitize(state, np.linspace(-1, 1, 256 + 1)[:-1]) - 1
 
 
-def tokenize_prompt(sp, prompt, state, max_len, discrete_state=True):
+def tokenize_prompt(sp, prompt, state, max_len, discrete_state=True, indicator=None):
     """pi0.5's prompt: BOS + "Task: {prompt}, State: {bins};\\nAction: " (exact strings).
 
     state is the normalized, *unpadded* state. With discrete_state=False (pi05_libero) the
-    prompt is pi0's and the state is not used at all.
+    prompt is pi0's and the state is not used at all. indicator (RECAP, True / False):
+    "Advantage: positive;\\n" / "negative" between the state and "Action: ", so it conditions
+    the actions and the FAST targets after them.
     """
     if not discrete_state:
-        return tokenize_prompt_pi0(sp, prompt, max_len)
+        return tokenize_prompt_pi0(sp, prompt, max_len, indicator)
     clean = prompt.strip().replace("_", " ").replace("\n", " ")
     bins = " ".join(str(b) for b in discretize_state(np.asarray(state, dtype=np.float64)))
-    return pad_tokens(sp.encode(f"Task: {clean}, State: {bins};\nAction: ", add_bos=True), max_len)
+    advantage = "" if indicator is None else f"{indicator_text(indicator)};\n"
+    return pad_tokens(sp.encode(f"Task: {clean}, State: {bins};\n{advantage}Action: ", add_bos=True), max_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,5 +188,7 @@ def target_tokenizer(cfg, sp, fast, max_tokens):
 
 
 def prompt_tokenizer(cfg, sp):
-    """(prompt, normalized state) -> (ids, mask), the state as text unless discrete_state_input=False."""
-    return lambda prompt, state: tokenize_prompt(sp, prompt, state, cfg.max_token_len, cfg.discrete_state_input)
+    """(prompt, normalized state, RECAP indicator) -> (ids, mask), the state as text unless
+    discrete_state_input=False."""
+    return lambda prompt, state, indicator=None: tokenize_prompt(sp, prompt, state, cfg.max_token_len,
+                                                                 cfg.discrete_state_input, indicator)

@@ -46,12 +46,13 @@ class Policy:
     """
 
     def __init__(self, path, device="cpu", num_steps=10, fast=False, compile_mode=None,
-                 cuda_graph=False, dtype=None):
+                 cuda_graph=False, dtype=None, cfg_beta=None):
         """fast=True samples with FastSampler (pi0 / pi0.5; same actions to ~1e-6), with optional
         torch.compile mode and CUDA graph. dtype: the serving precision, None = bf16 on CUDA and
         fp32 on CPU. In bf16 the weights are loaded straight into bf16 once (the precision
         policy's fp32 parameters aside) and the matmuls run in bf16: no fp32 copy, no per-call
-        weight casts."""
+        weight casts. cfg_beta: for a RECAP checkpoint (recap.py), classifier-free guidance on the
+        "positive" indicator (1 = plain conditioned sampling, the default)."""
         self.path, self.device, self.num_steps = str(path), torch.device(device), num_steps
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         low = self.dtype != torch.float32
@@ -71,6 +72,11 @@ class Policy:
         with open(os.path.join(self.path, "policy.json")) as f:
             self.settings = json.load(f)
         self.robot = self.settings.get("robot")  # an openpi robot family (robots.ROBOTS), or None
+        self.recap = self.settings.get("recap")  # an advantage-conditioned policy: ask for "positive"
+        self.cfg_beta = cfg_beta if cfg_beta is not None else (self.recap or {}).get("cfg_beta", 1.0)
+        if self.cfg_beta != 1.0 and not (self.recap and self.sample == self.sample_readable):
+            raise ValueError(f"cfg_beta {self.cfg_beta}: classifier-free guidance needs a RECAP checkpoint (policy.json "
+                             f"'recap') and the readable sampler (fast=False); this one has recap={self.recap}")
         self.sp = models.load_sentencepiece(os.path.join(self.path, "tokenizer.model"))
         s = self.settings
         width = cfg.action_dim if flow else None  # pi0-FAST pads nothing
@@ -83,9 +89,10 @@ class Policy:
 
     def sample_readable(self, batch, noise=None, rtc=None, committed=None):
         """pi0 / pi0.5: the model's own sample_actions (pi0.py), in the serving precision."""
+        cfg_beta = self.cfg_beta if self.recap and self.cfg_beta != 1.0 else None
         with self.autocast():
             return self.model.sample_actions(batch, noise=noise, num_steps=self.num_steps, rtc=rtc,
-                                             committed=committed)
+                                             committed=committed, cfg_beta=cfg_beta)
 
     def sample_fast(self, batch, noise=None):
         """pi0-FAST: greedy tokens -> action chunks. An answer that does not decode is flagged in
@@ -173,6 +180,8 @@ class Policy:
         samples = [self.robot_inputs(o) for o in observations]
         for s in samples:  # openpi's InjectDefaultPrompt: only where the request has none
             s.setdefault("prompt", self.settings.get("default_prompt") or "")
+            if self.recap:  # RECAP: act as the frames whose advantage was positive
+                s["indicator"] = True
         batch = data.collate([self.transforms(s) for s in samples])
         states = np.stack([np.asarray(s["state"], np.float32) for s in samples])
         return {k: v.to(self.device) for k, v in batch.items()}, states

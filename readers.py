@@ -408,10 +408,11 @@ class LeRobotDataset(EpisodeFrames):
 # HDF5 (ALOHA layout): the writer, the reader
 
 
-def write_hdf5_episode(path, state, actions, images, *, prompt=None, fps=None):
+def write_hdf5_episode(path, state, actions, images, *, prompt=None, fps=None, attrs=None):
     """Write one ALOHA-layout episode: state (X, S), actions (X, A), images {camera: (X, H, W, 3)
     uint8}. The prompt and fps go into root attributes (`prompt`, `fps`), which HDF5Dataset reads
-    before falling back to its arguments. Used by the tests and by sim.py's demo recorder."""
+    before falling back to its arguments; attrs: more root attributes (e.g. RECAP's `success`).
+    Used by the tests and by sim.py's demo and rollout recorders."""
     state, actions = np.asarray(state, np.float32), np.asarray(actions, np.float32)
     if len(state) != len(actions):
         raise ValueError(f"state has {len(state)} frames but actions {len(actions)}")
@@ -428,6 +429,8 @@ def write_hdf5_episode(path, state, actions, images, *, prompt=None, fps=None):
             f.attrs["prompt"] = prompt
         if fps is not None:
             f.attrs["fps"] = fps
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
 
 
 def _read_hdf5_episode(path):

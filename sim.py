@@ -319,11 +319,12 @@ def frame(obs, env):
     return np.moveaxis(image, 0, -1) if image.shape[0] == 3 and image.shape[-1] != 3 else image
 
 
-def run_lockstep(policy, envs, seeds, s, d, rtc, n_frames, stats, bar):
+def run_lockstep(policy, envs, seeds, s, d, rtc, n_frames, stats, bar, on_step=None):
     """One batch of episodes in lockstep to the end: a chunk is asked for at the start and once
     s actions of the current one ran; with a delay d the current chunk runs on for d steps and
     the new one takes over at its index d. -> (per-episode results, recorded frames).
-    stats accumulates infer_s, step_s, calls, chunks and the switch jumps."""
+    stats accumulates infer_s, step_s, calls, chunks and the switch jumps. on_step(seed, obs,
+    action, success, done) sees every step (record_rollouts)."""
     obs = [env.reset(s_) for env, s_ in zip(envs, seeds)]
     frames = [[frame(o, envs[0])] for o in obs[:n_frames]]
     n = len(seeds)
@@ -364,7 +365,10 @@ def run_lockstep(policy, envs, seeds, s, d, rtc, n_frames, stats, bar):
         switch()  # with d = 0 the new chunk takes over at once
         t0 = time.perf_counter()
         for j in list(live):
-            obs[j], success, done = envs[j].step(chunk[j][idx[j]])
+            before, action = obs[j], chunk[j][idx[j]]
+            obs[j], success, done = envs[j].step(action)
+            if on_step is not None:
+                on_step(seeds[j], before, action, success, done)
             idx[j], length[j] = idx[j] + 1, length[j] + 1
             if j < len(frames):
                 frames[j].append(frame(obs[j], envs[j]))
@@ -378,7 +382,7 @@ def run_lockstep(policy, envs, seeds, s, d, rtc, n_frames, stats, bar):
 
 
 def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_steps=5, *, batch_size=100,
-             record=0, progress=True, env_kwargs=None, delay=0, rtc=None):
+             record=0, progress=True, env_kwargs=None, delay=0, rtc=None, on_step=None):
     """Run `episodes` seeded episodes (seeds seed, seed+1, ...) in closed loop, batch_size at a time.
 
     Every live episode of a batch replans at the same step, so each replan is one infer_batch call
@@ -402,7 +406,8 @@ def evaluate(policy, env_name="builtin", episodes=100, seed=EVAL_SEED, n_action_
     for first in range(0, episodes, batch_size):
         seeds = list(range(seed + first, seed + min(episodes, first + batch_size)))
         envs = [make_env(env_name, **(env_kwargs or {})) for _ in seeds]
-        batch, frames = run_lockstep(policy, envs, seeds, n_action_steps, delay, rtc, max(0, record - first), stats, bar)
+        batch, frames = run_lockstep(policy, envs, seeds, n_action_steps, delay, rtc, max(0, record - first), stats,
+                                     bar, on_step)
         for env in envs:
             env.close()
         results += batch
@@ -469,11 +474,12 @@ def pi05_prompt_text(prompt, bins):
     return f"Task: {prompt}, State: {' '.join(str(b) for b in bins)};\nAction: "
 
 
-def train_tokenizer(path, vocab_size=512, seed=0):
+def train_tokenizer(path, vocab_size=512, seed=0, extra=()):
     """A tiny SentencePiece model shaped like PaliGemma's (pad 0, EOS 1, BOS 2, "\\n" one piece,
     no dummy prefix, byte fallback), trained offline on every prompt of the task in every
     prompt format of the project: pi0 (the bare prompt), pi0.5 and pi0-FAST (with state bins,
-    every number -1..255 many times) and FAST's "Action: ... |". Returns the processor."""
+    every number -1..255 many times) and FAST's "Action: ... |"; extra: more sentences (RECAP's
+    indicator). Returns the processor."""
     spm = _require("sentencepiece", "sentencepiece")
     rng = np.random.default_rng(seed)
     prompts = [t.format(f"{c} {s}") for t in TEMPLATES for c in COLOURS for s in SHAPES]
@@ -481,6 +487,7 @@ def train_tokenizer(path, vocab_size=512, seed=0):
     for i in range(6000):
         bins = rng.integers(-1, 256, size=rng.integers(1, 9))
         sentences += [prompts[i % len(prompts)], pi05_prompt_text(prompts[i % len(prompts)], bins), "Action: |"]
+    sentences += list(extra) * 200
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
@@ -491,23 +498,58 @@ def train_tokenizer(path, vocab_size=512, seed=0):
     return spm.SentencePieceProcessor(model_proto=buf.getvalue())
 
 
-def record_demos(out, episodes, seed=DEMO_SEED, progress=True):
+def degraded_action(env, mode, wrong, rng):
+    """A worse demonstrator (RECAP's mixed-quality data): "wrong" heads for object `wrong`, not
+    the named one (so it never succeeds), "wander" for a random point redrawn every 5 steps."""
+    if mode == "wrong":
+        return env.positions[wrong].copy()
+    if env.t % 5 == 0:
+        env.wander_point = rng.uniform(-0.9, 0.9, 2)
+    return env.wander_point
+
+
+def record_demos(out, episodes, seed=DEMO_SEED, progress=True, degraded=0.0):
     """Expert episodes -> out/episode_NNNNN.hdf5 (ALOHA layout: /observations/qpos, /action,
-    /observations/images/top; root attrs prompt and fps). Returns the expert's success count."""
+    /observations/images/top; root attrs prompt, fps and success). degraded: the fraction of
+    episodes a worse demonstrator records instead (2/3 "wrong", 1/3 "wander"; degraded_action),
+    chosen per episode from its seed. Returns the success count."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env, successes = ReachEnv(), 0
     for i in tqdm(range(episodes), desc="demos", disable=not progress):
         obs, done, success = env.reset(seed + i), False, False
+        rng = np.random.default_rng([seed + i, 1])  # apart from the layout's generator
+        mode = "expert" if rng.random() >= degraded else ("wrong" if rng.random() < 2 / 3 else "wander")
+        wrong = (env.target + 1 + int(rng.integers(NUM_OBJECTS - 1))) % NUM_OBJECTS
         states, actions, images = [], [], []
         while not done:
-            action = env.expert_action()
+            action = env.expert_action() if mode == "expert" else degraded_action(env, mode, wrong, rng)
             states.append(obs["state"]), actions.append(action), images.append(obs["images"]["top"])
             obs, success, done = env.step(action)
         successes += success
         write_hdf5_episode(out / f"episode_{i:05d}.hdf5", np.array(states), np.array(actions),
-                           {"top": np.array(images)}, prompt=env.prompt, fps=FPS)
+                           {"top": np.array(images)}, prompt=env.prompt, fps=FPS,
+                           attrs={"success": bool(success), "behaviour": mode})
     return successes
+
+
+def record_rollouts(policy, out, episodes, seed, n_action_steps=5, progress=True):
+    """A policy's own closed-loop episodes -> out/episode_NNNNN.hdf5 like the demos, each with
+    its success label (what RECAP learns from). Returns evaluate()'s result."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    episodes_seen = {}
+
+    def on_step(seed_, obs, action, success, done):
+        ep = episodes_seen.setdefault(seed_, dict(states=[], actions=[], images=[], prompt=obs["prompt"]))
+        ep["states"].append(obs["state"]), ep["actions"].append(action), ep["images"].append(obs["images"]["top"])
+        if done:
+            write_hdf5_episode(out / f"episode_{seed_ - seed:05d}.hdf5", np.array(ep["states"]),
+                               np.array(ep["actions"]), {"top": np.array(ep["images"])}, prompt=ep["prompt"],
+                               fps=FPS, attrs={"success": bool(success), "behaviour": "rollout"})
+            del episodes_seen[seed_]
+
+    return evaluate(policy, "builtin", episodes, seed, n_action_steps, progress=progress, on_step=on_step)
 
 
 def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=False, methods=None):

@@ -89,6 +89,10 @@ p.add_argument("--chunk", type=int, default=None, help="action horizon C (defaul
 p.add_argument("--augment", type=int, default=None, choices=[0, 1],
                help="openpi's image augmentation in training (augment.py: crop, rotate, colour jitter); "
                     "default 1 with --data, 0 on the built-in task")
+p.add_argument("--recap", type=int, default=0, choices=[0, 1],
+               help="RECAP (recap.py): condition on each frame's advantage indicator, read from <data>.advantages.json")
+p.add_argument("--indicator-dropout", type=float, default=0.3,
+               help="RECAP: share of samples trained without the indicator (one model, conditioned and not)")
 p.add_argument("--rtc-max-delay", type=int, default=0,
                help="training-time real-time chunking: a committed prefix of 0..D steps, given clean at t = 0 "
                     "(pi0 / pi0.5; 0 = off)")
@@ -174,6 +178,7 @@ def validate_args(a):
     need(a.max_fast_tokens >= 2, "--max-fast-tokens", "must be >= 2 (the FAST tokens, then '|' and EOS)")
     need(a.chunk is None or a.chunk >= 1, "--chunk", "must be >= 1")
     need(a.rtc_max_delay >= 0, "--rtc-max-delay", "must be >= 0 (0 = off)")
+    need(0 <= a.indicator_dropout < 1, "--indicator-dropout", "must be in [0, 1)")
     need(a.stop_after is None or a.stop_after >= 1, "--stop-after", "must be >= 1")
     need(set(filter(None, a.freeze.split(","))) <= {"vision", "llm"}, "--freeze", "a comma list of vision, llm")
     need(set(filter(None, a.lora.split(","))) <= {"llm", "expert"}, "--lora", "a comma list of llm, expert")
@@ -260,6 +265,9 @@ def open_datasets(a, cfg, rank, ddp):
             datasets.append(robots.open_robot_dataset(path, a.openpi_config, cfg.action_horizon))
         else:
             datasets.append(data.open_dataset(path, chunk_size=cfg.action_horizon))
+        if a.recap:  # each frame's improvement indicator, from the sidecar recap.py wrote
+            import recap
+            datasets[-1] = recap.RecapDataset(datasets[-1], recap.read_advantages(recap.sidecar_path(path), datasets[-1]))
         weights.append(weight)
     # a weight of 0 stays 0 (that dataset is never drawn); datasets without one weigh 1
     weights = None if all(w is None for w in weights) else [1.0 if w is None else w for w in weights]
@@ -468,6 +476,16 @@ def augment_images(images, step, a, cameras, rank, world):
     return augment.augment(images, cameras, {k: v[rank::world] for k, v in u.items()})
 
 
+def drop_indicator(batch, step, a, rank, world):
+    """RECAP: a share --indicator-dropout of the samples lose their indicator (the prompt without
+    it), drawn for the whole global batch from (seed, step) like the noise."""
+    g = torch.Generator().manual_seed(a.seed * 1_000_003 + step + 5_555_555)
+    drop = (torch.rand(a.batch_size, generator=g) < a.indicator_dropout)[rank::world].to(batch["tokens"].device)
+    tokens = torch.where(drop[:, None], batch.pop("uncond_tokens"), batch["tokens"])
+    masks = torch.where(drop[:, None], batch.pop("uncond_token_masks"), batch["token_masks"])
+    return dict(batch, tokens=tokens, token_masks=masks)
+
+
 def draw_delays(step, global_batch, max_delay, seed, device):
     """Training-time real-time chunking: a committed-prefix length per sample, uniform on
     {0, ..., max_delay} (0 keeps plain flow matching in the mix), a pure function of (seed, step)."""
@@ -513,6 +531,8 @@ def train_step(a, step, model, batch, terms, weights, flow, ctx):
             free = free_steps(delay, cfg.action_horizon)
     if a.augment:
         batch = dict(batch, images=augment_images(batch["images"], step, a, cfg.cameras, rank, world))
+    if "uncond_tokens" in batch:
+        batch = drop_indicator(dict(batch), step, a, rank, world)
     shares = loss_shares(batch, terms, a.grad_accum, device, ddp, free)
     micro = len(batch["state"]) // a.grad_accum
     sums = {}
@@ -573,6 +593,8 @@ def export(path, model, ema, run, dataset):
         import robots
         policy = robots.policy_settings(run["openpi_config"], transforms.use_quantiles)
     policy["rtc_max_delay"] = run["rtc_max_delay"]
+    if run["recap"]:  # Policy asks for "positive"; cfg_beta > 1 is classifier-free guidance
+        policy["recap"] = {"indicator": "positive", "cfg_beta": 1.0}
     merged = merged_state(model)
     if run["rank"] == 0:
         models.save_pretrained(model, path, norm_stats=transforms.norm_stats, extra_files=run["files"],
@@ -676,7 +698,7 @@ def main(a):
     fast_files = [] if fast is None else [a.fast_tokenizer if a.fast_tokenizer and os.path.isfile(a.fast_tokenizer)
                                           else os.path.join(out, "fast_tokenizer.json")]
     run = dict(rank=rank, world=world, transforms=transforms, files=[tok_path] + fast_files,
-               rtc_max_delay=a.rtc_max_delay, openpi_config=a.openpi_config)
+               rtc_max_delay=a.rtc_max_delay, openpi_config=a.openpi_config, recap=a.recap)
     step = 0
     if a.resume:
         resume_from = latest_checkpoint(ckpt_dir)

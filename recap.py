@@ -1,0 +1,530 @@
+"""RECAP (pi*0.6): a policy that learns from its own robot's successes and failures.
+
+Physical Intelligence's recipe (arXiv 2511.14759), one section per step, top to bottom:
+
+  1. Rewards and returns. -1 per step; at the last step 0 if the episode succeeded, -C_fail if
+     it failed. The return-to-go, normalized per task by (its longest episode + C_fail), lies in
+     (-1, 0]: successes above -1/2, failures below.
+  2. A value function: the same backbone as the policies (paligemma.py: SigLIP + Gemma on the
+     images and pi0.5's prompt with the state as text), plus a learned readout token that starts
+     its own attention block (it sees everything, nothing sees it); a head reads 201 bins of the
+     normalized return; cross-entropy against the return's bin; the value is the expectation.
+  3. Advantages: A_t = (the N rewards after t) + V(o_{t+N}) - V(o_t), normalized like the
+     returns (V = 0 past the episode's end). A frame is "positive" when A_t is above its task's
+     threshold, the percentile that makes ~30% of the task's frames positive; frames of human
+     corrections always are. Written to a sidecar file next to the dataset, never into it.
+  4. An advantage-conditioned policy (pi0 or pi0.5, train.py --recap 1): the prompt carries
+     "Advantage: positive" / "negative" after the task and state text (before pi0.5's FAST
+     targets), dropped 30% of the time in training so one model is also unconditioned. At
+     inference it is told "positive"; with classifier-free guidance, v = v_uncond +
+     beta (v_cond - v_uncond), both prompts in one batch (pi0.sample_guided).
+  5. The loop: collect rollouts with success labels (sim.py collect), retrain the value on all
+     data, recompute advantages, fine-tune the policy, evaluate. `python recap.py demo` runs the
+     whole experiment on the built-in task (README: RECAP).
+
+    python recap.py value --data D [D ...] --out V [--init V0]     # 2: train a value function
+    python recap.py advantages --value V --data D [D ...]          # 3: <D>.advantages.json
+    python train.py --model pi0 --data D [D ...] --recap 1         # 4: the conditioned policy
+    python sim.py collect --checkpoint P --episodes N --out D      # 5: rollouts with success labels
+    python recap.py demo --out runs/recap                          # all of it, with the table
+
+Success labels: the HDF5 root attribute `success` (and `correction` for human corrections), or a
+`success` key in a LeRobot dataset's episode metadata; a dataset without them is an error.
+
+Axis legend (paligemma.py's): B examples, V views, P image tokens, L prompt tokens, W width,
+K value bins, T an episode's frames.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import models
+from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, Gemma, GemmaConfig, SigLIP, SiglipConfig, make_attn_mask, make_positions
+
+BINS = 201
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Rewards, returns and their bins
+
+
+def episode_rewards(length, success, c_fail):
+    """(T,) rewards: -1 per step; the last step 0 on success, -c_fail on failure."""
+    r = -np.ones(length)
+    r[-1] = 0.0 if success else -c_fail
+    return r
+
+
+def normalized_returns(rewards, norm):
+    """Return-to-go of every frame divided by the task's normalizer: (T,) in [-1, 0]."""
+    return np.clip(np.cumsum(rewards[::-1])[::-1] / norm, -1.0, 0.0)
+
+
+def to_bins(returns):
+    """Normalized returns in [-1, 0] -> the nearest of BINS equally spaced values."""
+    return np.round((np.asarray(returns) + 1.0) * (BINS - 1)).astype(np.int64)
+
+
+def bin_values(device=None):
+    return torch.linspace(-1.0, 0.0, BINS, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Episodes: their tasks and success labels, from the dataset (readers.py)
+
+
+def episode_prompts(ds):
+    """The task of every episode (HDF5: its prompt; LeRobot: its first frame's task)."""
+    if hasattr(ds, "prompts"):
+        return list(ds.prompts)
+    return [ds.tasks[int(ds.task_index[ds.ep_start[e]])] for e in range(ds.num_episodes)]
+
+
+def episode_keys(ds):
+    """How samples name their episode (sample["episode_index"]): HDF5 its position, LeRobot its id."""
+    return [int(k) for k in getattr(ds, "episode_index", range(ds.num_episodes))]
+
+
+def episode_labels(ds):
+    """(success (E,) bool, correction (E,) bool) from the dataset: HDF5 root attributes `success`
+    / `correction`, or `success` / `correction` in a LeRobot dataset's episode metadata."""
+    import h5py
+    if hasattr(ds, "files") and all(str(f).endswith((".hdf5", ".h5")) for f in ds.files):
+        success, correction = [], []
+        for path in ds.files:
+            with h5py.File(path, "r") as f:
+                if "success" not in f.attrs:
+                    raise KeyError(f"{path}: no `success` attribute; RECAP needs every episode labelled "
+                                   "(sim.py demos / collect write it; set it on your own episodes)")
+                success.append(bool(f.attrs["success"]))
+                correction.append(bool(f.attrs.get("correction", False)))
+        return np.array(success), np.array(correction)
+    from readers import read_jsonl
+    path = Path(ds.root) / "meta" / "episodes.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: RECAP reads success labels from LeRobot v2.1 episode metadata "
+                                "(a `success` key per episode); v3.0 datasets are not supported yet")
+    rows = {e["episode_index"]: e for e in read_jsonl(path)}
+    missing = [k for k in episode_keys(ds) if "success" not in rows.get(k, {})]
+    if missing:
+        raise KeyError(f"{path}: episodes {missing[:10]} have no `success` key")
+    keys = episode_keys(ds)
+    return (np.array([bool(rows[k]["success"]) for k in keys]),
+            np.array([bool(rows[k].get("correction", False)) for k in keys]))
+
+
+def episode_returns(ds, c_fail_factor=1.0):
+    """Per episode: (rewards / norm (T,), normalized returns (T,)); C_fail = c_fail_factor x the
+    task's longest episode, norm = that length + C_fail."""
+    success, _ = episode_labels(ds)
+    prompts, lengths = episode_prompts(ds), ds.ep_end - ds.ep_start
+    longest = {}
+    for p, n in zip(prompts, lengths):
+        longest[p] = max(longest.get(p, 0), int(n))
+    out = []
+    for p, n, ok in zip(prompts, lengths, success):
+        norm = longest[p] * (1 + c_fail_factor)
+        r = episode_rewards(int(n), ok, c_fail_factor * longest[p])
+        out.append((r / norm, normalized_returns(r, norm)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The value function
+
+
+@dataclass
+class ValueConfig:
+    vision: SiglipConfig = field(default_factory=lambda: SIGLIP_PRESETS["tiny"])
+    llm: GemmaConfig = field(default_factory=lambda: GEMMA_PRESETS["tiny_llm"])
+    vocab_size: int = 1024
+    max_token_len: int = 32
+    cameras: tuple = ("top",)
+    bins: int = BINS
+    model: str = "value"
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**dict(d, vision=SiglipConfig(**d["vision"]), llm=GemmaConfig(**d["llm"]),
+                          cameras=tuple(d["cameras"])))
+
+
+class ValueFunction(nn.Module):
+    """p(return bin | images, prompt with state): a VLM whose last token is a learned readout."""
+
+    def __init__(self, cfg: ValueConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = SigLIP(cfg.vision, out_width=cfg.llm.width)
+        self.llm = Gemma([cfg.llm], cfg.vocab_size)
+        self.readout = nn.Parameter(torch.randn(cfg.llm.width) * cfg.llm.width ** -0.5)  # the <value> token
+        self.head = nn.Linear(cfg.llm.width, cfg.bins)
+
+    def sequence(self, batch):
+        """Images, prompt, readout -> tokens (B, V*P + L + 1, W), mask, ar (the readout's block)."""
+        B, V = batch["image_masks"].shape
+        img = self.vision(batch["images"].flatten(0, 1))                              # (B*V, P, W)
+        img = img.view(B, -1, img.shape[-1])                                          # (B, V*P, W)
+        img_mask = batch["image_masks"][:, :, None].expand(B, V, img.shape[1] // V).reshape(B, -1)
+        text = self.llm.embed_tokens(batch["tokens"]).to(img.dtype)                   # (B, L, W)
+        readout = self.readout.to(img.dtype).expand(B, 1, -1)                         # (B, 1, W)
+        tokens = torch.cat([img, text, readout], dim=1)
+        mask = torch.cat([img_mask, batch["token_masks"], torch.ones(B, 1, dtype=torch.bool, device=img.device)], 1)
+        ar = torch.zeros(tokens.shape[1], dtype=torch.long, device=img.device)
+        ar[-1] = 1  # the readout starts its own block: it attends to all real tokens, none attend to it
+        return tokens, mask, ar
+
+    def forward(self, batch):
+        """-> logits over the return bins (B, K), read at the readout token (never a padding slot:
+        it is always the last token, and its position follows the last real one)."""
+        tokens, mask, ar = self.sequence(batch)
+        (h,) = self.llm([tokens], make_positions(mask), make_attn_mask(mask, ar))
+        return self.head(h[:, -1])
+
+    def value(self, batch):
+        """The expected normalized return (B,)."""
+        return (self.forward(batch).float().softmax(-1) * bin_values(self.head.weight.device)).sum(-1)
+
+
+def value_transforms(cfg, ds, sp, stats):
+    """data.Transforms for the value function: pi0.5's prompt (state as text), quantile stats."""
+    import pi05
+    tokenize = lambda prompt, state, indicator=None: pi05.tokenize_prompt(sp, prompt, state, cfg.max_token_len)
+    return data.Transforms(tokenize=tokenize, cameras=list(ds.cameras), norm_stats=stats, use_quantiles=True,
+                           state_dim=None, action_dim=None, image_size=cfg.vision.image_size)
+
+
+def load_value(path):
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = ValueConfig.from_dict(json.load(f))
+    model = ValueFunction(cfg)
+    models.load_state_strict(model, load_file(os.path.join(path, "model.safetensors")))
+    model.path = str(path)  # its tokenizer and norm stats live beside it
+    return model.eval()
+
+
+def batches_of(ds, transforms, rows, batch_size):
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
+        yield part, data.collate([transforms(ds[int(i)]) for i in part])
+
+
+def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=None, c_fail_factor=1.0,
+                tokenizer=None, norm_stats=None, log_every=100):
+    """Fit a value function to the return bins of every frame of `datasets` (opened readers.py
+    datasets); the first one's tokenizer and norm stats unless given. Saves it to `out`."""
+    roots = [Path(ds.files[0]).parent if hasattr(ds, "files") else Path(ds.root) for ds in datasets]
+    tokenizer = tokenizer or roots[0] / "tokenizer.model"
+    norm_stats = norm_stats or roots[0] / "norm_stats.json"
+    sp = models.load_sentencepiece(tokenizer)
+    torch.manual_seed(seed)
+    if init:
+        model = load_value(init).train()
+    else:
+        ds0 = datasets[0]
+        model = ValueFunction(ValueConfig(vocab_size=max(1024, sp.vocab_size()), cameras=tuple(ds0.cameras)))
+    cfg = model.cfg
+    transforms = [value_transforms(cfg, ds, sp, norm_stats) for ds in datasets]
+    targets = [np.concatenate([to_bins(g) for _, g in episode_returns(ds, c_fail_factor)]) for ds in datasets]
+    sizes = np.array([len(ds) for ds in datasets])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-10)
+    rng, t0, losses = np.random.default_rng(seed), time.perf_counter(), []
+    for step in range(steps):
+        warm = min(1.0, (step + 1) / 100)
+        for g in opt.param_groups:  # warm-up, then cosine to a tenth
+            g["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        which = rng.choice(len(datasets), batch_size, p=sizes / sizes.sum())
+        rows = [int(rng.integers(sizes[d])) for d in which]
+        batch = data.collate([transforms[d](datasets[d][i]) for d, i in zip(which, rows)])
+        target = torch.from_numpy(np.array([targets[d][i] for d, i in zip(which, rows)]))
+        logits = model(batch)
+        loss = F.cross_entropy(logits.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            with torch.no_grad():
+                err = (logits.float().softmax(-1) @ bin_values() - target.float() / (BINS - 1) + 1).abs().mean()
+            print(f"value step {step + 1}/{steps}: CE {np.mean(losses[-log_every:]):.3f}, |V - return| "
+                  f"{err:.3f}, {1000 * (time.perf_counter() - t0) / (step + 1):.0f} ms/step", flush=True)
+    models.save_pretrained(model, out, norm_stats=data.load_norm_stats(norm_stats),
+                           extra_files=[(str(tokenizer), "tokenizer.model")])
+    model.path = str(out)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Advantages, thresholds, the sidecar file
+
+
+def sidecar_path(dataset_path):
+    """<dataset>.advantages.json, beside the dataset: the user's files are never touched."""
+    return str(Path(dataset_path).resolve()) + ".advantages.json"
+
+
+@torch.no_grad()
+def frame_values(value_fn, ds, batch_size=256):
+    """V of every frame of a dataset, (N,), with the value function's own tokenizer and stats."""
+    root = value_fn.path
+    sp = models.load_sentencepiece(os.path.join(root, "tokenizer.model"))
+    transforms = value_transforms(value_fn.cfg, ds, sp, os.path.join(root, "norm_stats.json"))
+    out = np.zeros(len(ds), np.float32)
+    for rows, batch in batches_of(ds, transforms, np.arange(len(ds)), batch_size):
+        out[rows] = value_fn.value(batch).numpy()
+    return out
+
+
+def n_step_advantages(rewards, values, n):
+    """One episode: A_t = sum of rewards t .. t+n-1 + V_{t+n} - V_t (normalized units; V past the
+    end is 0, the episode's terminal value)."""
+    T = len(rewards)
+    padded_r, padded_v = np.concatenate([rewards, np.zeros(n)]), np.concatenate([values, np.zeros(n)])
+    window = np.array([padded_r[t:t + n].sum() for t in range(T)])
+    return window + padded_v[n:n + T] - values
+
+
+def compute_advantages(value_fn, datasets, n_steps=10, positive_fraction=0.3, c_fail_factor=1.0):
+    """-> per dataset {"episodes": {key: {"advantage", "positive"}}, "thresholds": {task: eps}};
+    thresholds per task over all datasets together."""
+    per_ds = []
+    for ds in datasets:
+        values = frame_values(value_fn, ds)
+        rewards = episode_returns(ds, c_fail_factor)
+        _, correction = episode_labels(ds)
+        adv = [n_step_advantages(r, values[s:e], n_steps) for (r, _), s, e in zip(rewards, ds.ep_start, ds.ep_end)]
+        per_ds.append((ds, adv, correction, values))
+    by_task = {}
+    for ds, adv, _, _ in per_ds:
+        for p, a in zip(episode_prompts(ds), adv):
+            by_task.setdefault(p, []).append(a)
+    thresholds = {p: float(np.quantile(np.concatenate(a), 1 - positive_fraction)) for p, a in by_task.items()}
+    out = []
+    for ds, adv, correction, values in per_ds:
+        episodes = {}
+        for key, p, a, fix, s, e in zip(episode_keys(ds), episode_prompts(ds), adv, correction, ds.ep_start, ds.ep_end):
+            positive = (a > thresholds[p]) | fix  # human corrections are always positive
+            episodes[str(key)] = {"advantage": a.round(6).tolist(), "positive": positive.tolist(),
+                                  "value": values[s:e].round(6).tolist()}
+        out.append({"format": "recap-advantages", "version": 1, "n_steps": n_steps,
+                    "positive_fraction": positive_fraction, "thresholds": thresholds, "episodes": episodes})
+    return out
+
+
+def write_advantages(path, table):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(table, f)
+    os.replace(tmp, path)
+
+
+def read_advantages(path, ds):
+    """The sidecar of a dataset, checked against it: every episode there, with its length."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no advantages for this dataset; make them with "
+                                f"`python recap.py advantages --value VALUE_DIR --data {path[:-len('.advantages.json')]}`")
+    with open(path) as f:
+        table = json.load(f)
+    if table.get("format") != "recap-advantages":
+        raise ValueError(f"{path}: not a recap advantages file (format {table.get('format')!r})")
+    for key, s, e in zip(episode_keys(ds), ds.ep_start, ds.ep_end):
+        got = table["episodes"].get(str(key))
+        if got is None or len(got["positive"]) != e - s:
+            raise ValueError(f"{path}: episode {key} is {'missing' if got is None else 'of another length'} "
+                             f"({e - s} frames in the dataset): recompute the advantages")
+    return table
+
+
+class RecapDataset:
+    """A dataset whose samples carry their frame's improvement indicator (sample["indicator"]);
+    data.Transforms then makes the prompt with and without it."""
+
+    def __init__(self, dataset, table):
+        self.dataset, self.table = dataset, table
+
+    def __getattr__(self, name):  # everything else (cameras, chunk_size, state, ...) is the dataset's
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        s = self.dataset[i]
+        return dict(s, indicator=self.table["episodes"][str(s["episode_index"])]["positive"][s["frame_index"]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def open_datasets(paths, chunk_size=1):
+    return [data.open_dataset(p, chunk_size=chunk_size) for p in paths]
+
+
+def train_policy(out, datasets, args, *extra):
+    """train.py in a subprocess, exactly as a user runs it; -> the exported checkpoint."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--model",
+           args.model, "--data", *map(str, datasets), "--out", str(out), "--eval-episodes", "0", "--seed",
+           str(args.seed), "--norm-stats", str(Path(datasets[0]) / "norm_stats.json"), *map(str, extra)]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return Path(out) / "final"
+
+
+def closed_loop(checkpoint, episodes, cfg_beta=None):
+    import sim
+    from policy import Policy
+    r = sim.evaluate(Policy(checkpoint, cfg_beta=cfg_beta), "builtin", episodes, sim.EVAL_SEED, progress=False)
+    return {k: r[k] for k in ("successes", "episodes", "success_rate", "ci95", "mean_length")}
+
+
+def plot_values(tables, datasets, path, per_kind=12, width=640, height=360):
+    """V along episodes (x: frame, y: V in [-1, 0]): green successes, red failures (pillow only)."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, top, w, h = 50, 20, width - 70, height - 60
+    draw.rectangle([left, top, left + w, top + h], outline="black")
+    longest = max(int(np.max(ds.ep_end - ds.ep_start)) for ds in datasets)
+    drawn = {True: 0, False: 0}
+    for ds, table in zip(datasets, tables):
+        success, _ = episode_labels(ds)
+        for key, ok in zip(episode_keys(ds), success):
+            if drawn[bool(ok)] >= per_kind:
+                continue
+            drawn[bool(ok)] += 1
+            v = table["episodes"][str(key)]["value"]
+            xy = [(left + w * t / max(1, longest - 1), top + h * (-x)) for t, x in enumerate(v)]
+            draw.line(xy, fill=(40, 160, 60) if ok else (210, 40, 40), width=2)
+    draw.text((left, height - 35), f"frame (0 .. {longest - 1}); green: {drawn[True]} successful episodes, "
+              f"red: {drawn[False]} failed", fill="black")
+    draw.text((5, top), "V=0", fill="black")
+    draw.text((5, top + h - 10), "V=-1", fill="black")
+    img.save(path)
+    return path
+
+
+def add_demo_args(p):
+    p.add_argument("--out", default="runs/recap", help="the experiment's folder")
+    p.add_argument("--model", default="pi0", choices=["pi0", "pi05"])
+    p.add_argument("--episodes", type=int, default=2000, help="demonstrations, expert and degraded")
+    p.add_argument("--degraded", type=float, default=0.6, help="share of episodes by the degraded demonstrator")
+    p.add_argument("--steps", type=int, default=3000, help="policy training steps (imitation and RECAP alike)")
+    p.add_argument("--value-steps", type=int, default=1500)
+    p.add_argument("--rollouts", type=int, default=1000, help="iteration 2: the RECAP policy's own episodes")
+    p.add_argument("--finetune-steps", type=int, default=1500, help="iteration 2: policy fine-tuning steps")
+    p.add_argument("--eval-episodes", type=int, default=300)
+    p.add_argument("--cfg-beta", type=float, default=2.0, help="classifier-free guidance weight of the CFG row")
+    p.add_argument("--n-steps", type=int, default=10, help="N of the N-step advantage")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_demo(args):
+    """Mixed-quality demos -> imitation vs RECAP (beta 1, CFG) -> one more iteration on the
+    policy's own rollouts. Prints the table; writes recap.json, recap.md and value.png."""
+    import sim
+    from policy import Policy
+    t_start, out = time.perf_counter(), Path(args.out)
+    demos = out / "data"
+    if not (demos / "tokenizer.model").exists():
+        ok = sim.record_demos(demos, args.episodes, degraded=args.degraded)
+        ds = data.open_dataset(demos, chunk_size=1)
+        data.save_norm_stats(data.compute_norm_stats(ds, progress=False), demos / "norm_stats.json")
+        sim.train_tokenizer(demos / "tokenizer.model", extra=[f"\nAdvantage: {w}" for w in ("positive", "negative")]
+                            + [f";\nAdvantage: {w};\nAction: " for w in ("positive", "negative")])
+        print(f"demos: {args.episodes} episodes, {ok} successful ({args.degraded:.0%} by a degraded demonstrator)")
+    rows = {}
+    imitation = train_policy(out / "imitation", [demos], args, "--steps", args.steps)
+    rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
+    value1 = train_value([data.open_dataset(demos, 1)], out / "value1", steps=args.value_steps, seed=args.seed)
+    (table,) = compute_advantages(value1, [data.open_dataset(demos, 1)], args.n_steps)
+    write_advantages(sidecar_path(demos), table)
+    plot_values([table], [data.open_dataset(demos, 1)], out / "value.png")
+    recap1 = train_policy(out / "recap1", [demos], args, "--steps", args.steps, "--recap", 1)
+    rows["RECAP, beta = 1"] = closed_loop(recap1, args.eval_episodes)
+    rows[f"RECAP, CFG beta = {args.cfg_beta:g}"] = closed_loop(recap1, args.eval_episodes, args.cfg_beta)
+    rollouts = out / "rollouts1"
+    r = sim.record_rollouts(Policy(recap1), rollouts, args.rollouts, seed=500_000, progress=False)
+    print(f"rollouts of the RECAP policy: {r['successes']}/{r['episodes']} successful")
+    both = [data.open_dataset(demos, 1), data.open_dataset(rollouts, 1)]
+    value2 = train_value(both, out / "value2", steps=args.value_steps // 2, seed=args.seed + 1, init=out / "value1",
+                         tokenizer=demos / "tokenizer.model", norm_stats=demos / "norm_stats.json")
+    for path, t in zip([demos, rollouts], compute_advantages(value2, both, args.n_steps)):
+        write_advantages(sidecar_path(path), t)
+    recap2 = train_policy(out / "recap2", [demos, rollouts], args, "--steps", args.finetune_steps, "--recap", 1,
+                          "--init", recap1, "--warmup", 0)
+    rows["RECAP, one more iteration (own rollouts), beta = 1"] = closed_loop(recap2, args.eval_episodes)
+    lines = ["| policy | success | 95% CI | mean length |", "|---|---|---|---|"]
+    for name, x in rows.items():
+        lines.append(f"| {name} | {x['successes']}/{x['episodes']} = {x['success_rate']:.1%} | "
+                     f"{x['ci95'][0]:.1%}-{x['ci95'][1]:.1%} | {x['mean_length']:.1f} |")
+    print("\n".join(lines))
+    minutes = (time.perf_counter() - t_start) / 60
+    (out / "recap.md").write_text("\n".join(lines) + f"\n\n({minutes:.0f} min)\n")
+    (out / "recap.json").write_text(json.dumps(dict(rows=rows, args=vars(args), minutes=minutes), indent=2))
+    print(f"wrote {out / 'recap.md'}, {out / 'recap.json'}, {out / 'value.png'} in {minutes:.1f} min")
+
+
+def cmd_value(args):
+    train_value(open_datasets(args.data), args.out, args.steps, args.batch_size, args.lr, args.seed, args.init,
+                args.c_fail)
+
+
+def cmd_advantages(args):
+    value_fn = load_value(args.value)
+    value_fn.path = args.value
+    datasets = open_datasets(args.data)
+    for path, ds, table in zip(args.data, datasets, compute_advantages(value_fn, datasets, args.n_steps,
+                                                                       args.positive_fraction, args.c_fail)):
+        write_advantages(sidecar_path(path), table)
+        share = np.mean([p for e in table["episodes"].values() for p in e["positive"]])
+        print(f"wrote {sidecar_path(path)}: {len(table['episodes'])} episodes, {share:.1%} of frames positive")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("value", help="train a value function on labelled episodes")
+    v.add_argument("--data", nargs="+", required=True, help="datasets (HDF5 or LeRobot) with success labels")
+    v.add_argument("--out", required=True, help="where the value function goes")
+    v.add_argument("--init", default=None, help="a value function to fine-tune")
+    v.add_argument("--steps", type=int, default=2000)
+    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--lr", type=float, default=1e-3)
+    v.add_argument("--seed", type=int, default=0)
+    a = sub.add_parser("advantages", help="N-step advantages and indicators -> <dataset>.advantages.json")
+    a.add_argument("--value", required=True, help="a value function (recap.py value)")
+    a.add_argument("--data", nargs="+", required=True)
+    a.add_argument("--n-steps", type=int, default=10, help="N of the N-step advantage")
+    a.add_argument("--positive-fraction", type=float, default=0.3, help="share of each task's frames that are positive")
+    for p in (v, a):
+        p.add_argument("--c-fail", type=float, default=1.0, help="failure penalty, in units of the task's longest episode")
+    d = sub.add_parser("demo", help="the whole experiment on the built-in task, with the table")
+    add_demo_args(d)
+    args = parser.parse_args(argv)
+    {"value": cmd_value, "advantages": cmd_advantages, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""recap.py: returns and bins, the N-step advantage, the value function's readout, indicator
+dropout, classifier-free guidance, the sidecar file, and pi0 / pi0.5 trained with the indicator."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, random_batch
+
+import data
+import recap
+
+
+def test_rewards_returns_and_bins_by_hand():
+    norm = 3 * 2  # the task's longest episode (3) + C_fail (1 x 3)
+    ok = recap.episode_rewards(3, True, 3.0)
+    bad = recap.episode_rewards(3, False, 3.0)
+    assert ok.tolist() == [-1, -1, 0] and bad.tolist() == [-1, -1, -3]
+    np.testing.assert_allclose(recap.normalized_returns(ok, norm), [-2 / 6, -1 / 6, 0])
+    np.testing.assert_allclose(recap.normalized_returns(bad, norm), [-5 / 6, -4 / 6, -3 / 6])
+    assert (recap.normalized_returns(ok, norm) > -0.5).all() and (recap.normalized_returns(bad, norm) <= -0.5).all()
+    assert recap.to_bins([-1.0, -0.5, 0.0]).tolist() == [0, 100, 200]
+    assert recap.to_bins([-1 / 3]).tolist() == [133]  # nearest of 201 equally spaced values
+
+
+def test_n_step_advantage_by_hand():
+    r = np.array([-1, -1, -1, 0]) / 8.0
+    v = np.array([-0.4, -0.3, -0.2, -0.1])
+    a = recap.n_step_advantages(r, v, 2)
+    want = [r[0] + r[1] + v[2] - v[0], r[1] + r[2] + v[3] - v[1], r[2] + r[3] + 0 - v[2], r[3] + 0 - v[3]]
+    np.testing.assert_allclose(a, want)
+
+
+def write_labelled(folder, outcomes, seed=0, correction=None):
+    """HDF5 episodes of the built-in task's layout with success (and correction) labels."""
+    import readers
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for e, (length, ok) in enumerate(outcomes):
+        readers.write_hdf5_episode(folder / f"episode_{e:05d}.hdf5", rng.uniform(-1, 1, (length, 2)),
+                                   rng.uniform(-1, 1, (length, 2)),
+                                   {"top": rng.integers(0, 256, (length, 56, 56, 3), dtype=np.uint8)},
+                                   prompt=["reach the red ball", "go to the blue square"][e % 2], fps=10,
+                                   attrs={"success": ok, **({} if correction is None else {"correction": correction[e]})})
+    ds = data.open_dataset(folder, chunk_size=4)
+    data.save_norm_stats(data.compute_norm_stats(ds, progress=False), folder / "norm_stats.json")
+    return ds
+
+
+def test_labels_returns_and_corrections_from_the_files(tmp_path):
+    ds = write_labelled(tmp_path / "d", [(4, True), (6, False), (3, True), (5, False)], correction=[0, 1, 0, 0])
+    success, correction = recap.episode_labels(ds)
+    assert success.tolist() == [True, False, True, False] and correction.tolist() == [False, True, False, False]
+    rewards, returns = zip(*recap.episode_returns(ds))
+    # task "reach the red ball": episodes 0 (4) and 2 (3), longest 4, norm 8; episode 0 succeeded
+    np.testing.assert_allclose(returns[0], [-3 / 8, -2 / 8, -1 / 8, 0])
+    np.testing.assert_allclose(returns[1][-1], -6 / 12)  # the blue task's failure: -C_fail / (6 + 6)
+    import h5py
+    with h5py.File(ds.files[0], "a") as f:
+        del f.attrs["success"]
+    with pytest.raises(KeyError, match="no `success` attribute"):
+        recap.episode_labels(ds)
+
+
+def tiny_value(vocab_size=300, max_token_len=12):
+    from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS
+    torch.manual_seed(0)
+    return recap.ValueFunction(recap.ValueConfig(vision=SIGLIP_PRESETS["tiny"], llm=GEMMA_PRESETS["tiny_llm"],
+                                                 vocab_size=vocab_size, max_token_len=max_token_len)).eval()
+
+
+def test_readout_token_is_never_padding_and_reads_the_input():
+    vf = tiny_value()
+    B, L = 3, 12
+    batch = {"images": torch.rand(B, 1, 3, 56, 56) * 2 - 1, "image_masks": torch.ones(B, 1, dtype=torch.bool),
+             "tokens": torch.randint(3, 300, (B, L)), "token_masks": torch.arange(L)[None] < torch.tensor([[3], [7], [12]])}
+    tokens, mask, ar = vf.sequence(batch)
+    assert mask[:, -1].all() and ar[-1] == 1 and ar[:-1].sum() == 0  # real, and its own block
+    from paligemma import make_attn_mask, make_positions
+    att = make_attn_mask(mask, ar)
+    assert not att[:, :-1, -1].any()  # nothing attends to the readout
+    assert torch.equal(att[:, -1], mask)  # it attends to every real token, to no padding
+    pos = make_positions(mask)[:, -1]
+    assert pos.tolist() == (mask[:, :-1].sum(1)).tolist()  # its position follows the last real token
+    with torch.no_grad():
+        v = vf.value(batch)
+        other = vf.value(dict(batch, images=-batch["images"]))
+    assert v.shape == (3,) and (v <= 0).all() and (v >= -1).all() and (v - other).abs().max() > 1e-5
+    # padding content changes nothing: the readout never reads a padded slot
+    padded = dict(batch, tokens=torch.where(batch["token_masks"], batch["tokens"], 5))
+    with torch.no_grad():
+        torch.testing.assert_close(vf.value(padded), v)
+
+
+def test_indicator_dropout_rate_and_exactness():
+    import argparse
+
+    import train
+    a = argparse.Namespace(seed=0, batch_size=2000, indicator_dropout=0.3)
+    cond, uncond = torch.ones(2000, 4, dtype=torch.long), torch.zeros(2000, 4, dtype=torch.long)
+    batch = {"tokens": cond, "token_masks": cond.bool(), "uncond_tokens": uncond, "uncond_token_masks": uncond.bool()}
+    out = train.drop_indicator(dict(batch), 3, a, 0, 1)
+    dropped = (out["tokens"][:, 0] == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.04 and "uncond_tokens" not in out
+    halves = [train.drop_indicator(dict({k: v[r::2] for k, v in batch.items()}), 3, a, r, 2) for r in range(2)]
+    assert torch.equal(halves[1]["tokens"], out["tokens"][1::2])  # ranks take their rows of one draw
+
+
+@pytest.mark.parametrize("name", ["pi0", "pi05"])
+def test_cfg_with_beta_one_is_plain_conditioned_sampling(name):
+    import models
+    torch.manual_seed(0)
+    cfg = models.preset(name, "tiny")
+    model = models.build(cfg).eval()
+    with torch.no_grad():  # some projections start at zero: give every weight a say in the output
+        for p_ in model.parameters():
+            p_.add_(torch.randn_like(p_) * 0.05)
+    batch = random_batch(cfg, B=2, actions=False)
+    uncond = random_batch(cfg, B=2, seed=1, actions=False)
+    batch.update(uncond_tokens=uncond["tokens"], uncond_token_masks=uncond["token_masks"])
+    noise = torch.randn(2, cfg.action_horizon, cfg.action_dim)
+    with torch.no_grad():
+        plain = model.sample_actions(batch, noise, num_steps=4)
+        guided = model.sample_actions(batch, noise, num_steps=4, cfg_beta=1.0)
+        unconditioned = model.sample_actions(dict(batch, tokens=uncond["tokens"], token_masks=uncond["token_masks"]),
+                                             noise, num_steps=4)
+        zero = model.sample_actions(batch, noise, num_steps=4, cfg_beta=0.0)
+        strong = model.sample_actions(batch, noise, num_steps=4, cfg_beta=3.0)
+    torch.testing.assert_close(guided, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(zero, unconditioned, atol=1e-5, rtol=0)  # beta 0: the unconditioned policy
+    assert (strong - plain).abs().max() > 1e-4
+
+
+def test_indicator_sits_after_task_and_state_and_before_the_actions(tiny_sp):
+    import pi0
+    import pi05
+    ids, mask = pi05.tokenize_prompt(tiny_sp, "pick up the red block", np.array([0.0, 0.5]), 64, indicator=True)
+    text = tiny_sp.decode(ids[mask].tolist())
+    assert text.endswith("State: 128 192;\nAdvantage: positive;\nAction: ")
+    ids, mask = pi0.tokenize_prompt(tiny_sp, "pick up the red block", 64, indicator=False)
+    assert tiny_sp.decode(ids[mask].tolist()) == "pick up the red block\nAdvantage: negative\n"
+
+
+def test_sidecar_round_trips_and_a_missing_one_is_a_clear_error(tmp_path):
+    ds = write_labelled(tmp_path / "d", [(4, True), (5, False), (3, True), (6, False)], correction=[0, 0, 0, 1])
+    import models
+    import sim
+    sim.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
+    vf = tiny_value(vocab_size=512, max_token_len=32)
+    models.save_pretrained(vf, tmp_path / "v", norm_stats=data.load_norm_stats(tmp_path / "d" / "norm_stats.json"),
+                           extra_files=[(str(tmp_path / "tok.model"), "tokenizer.model")])
+    vf = recap.load_value(tmp_path / "v")
+    (table,) = recap.compute_advantages(vf, [ds], n_steps=2, positive_fraction=0.3)
+    path = recap.sidecar_path(tmp_path / "d")
+    assert path == str((tmp_path / "d").resolve()) + ".advantages.json"  # beside the dataset, not in it
+    recap.write_advantages(path, table)
+    back = recap.read_advantages(path, ds)
+    assert back["episodes"] == json.loads(json.dumps(table["episodes"]))
+    assert all(back["episodes"]["3"]["positive"])  # a correction: every frame positive
+    wrapped = recap.RecapDataset(ds, back)
+    assert wrapped[5]["indicator"] == back["episodes"]["1"]["positive"][1]  # episode 1, frame 1
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match="recap.py advantages --value"):
+        recap.read_advantages(path, ds)
+
+
+@pytest.mark.parametrize("model", ["pi0", "pi05"])
+def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_path):
+    import sim
+    ds_dir = tmp_path / "d"
+    write_labelled(ds_dir, [(6, True), (8, False), (5, True), (8, False)])
+    sim.train_tokenizer(ds_dir / "tokenizer.model", vocab_size=400,
+                        extra=["\nAdvantage: positive", "\nAdvantage: negative"])
+    ds = data.open_dataset(ds_dir, chunk_size=1)
+    table = {"format": "recap-advantages", "version": 1, "episodes": {
+        str(e): {"positive": [bool((e + t) % 2) for t in range(int(n))], "advantage": [0.0] * int(n)}
+        for e, n in enumerate(ds.ep_end - ds.ep_start)}}
+    recap.write_advantages(recap.sidecar_path(ds_dir), table)
+    res = subprocess.run([sys.executable, "train.py", "--model", model, "--data", str(ds_dir), "--recap", "1",
+                          "--steps", "2", "--batch-size", "4", "--eval-episodes", "0", "--out", str(tmp_path / "run")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from policy import Policy
+    policy = Policy(tmp_path / "run" / "final")
+    assert policy.settings["recap"] == {"indicator": "positive", "cfg_beta": 1.0}
+    obs = sim.ReachEnv().reset(3)
+    batch, _ = policy.model_inputs([obs])
+    assert "uncond_tokens" in batch and not torch.equal(batch["tokens"], batch["uncond_tokens"])
+    noise = np.random.default_rng(0).standard_normal((1, policy.model.cfg.action_horizon, policy.model.cfg.action_dim))
+    a1 = policy.infer_batch([obs], noise)
+    a3 = Policy(tmp_path / "run" / "final", cfg_beta=3.0).infer_batch([obs], noise)
+    assert a1.shape == a3.shape == (1, policy.model.cfg.action_horizon, 2) and np.abs(a1 - a3).max() > 0
