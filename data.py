@@ -422,6 +422,23 @@ class Transforms:
         return out
 
 
+class DatasetView:
+    """A dataset seen through a wrapper that changes its samples (robots.RobotDataset,
+    recap.RecapDataset): every attribute the wrapper does not set (chunk_size, fps, tasks,
+    episode bounds, ...) is the wrapped dataset's, so readers' users take either."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (e.g. while unpickling): no endless recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+
 def collate(samples):
     """List of model samples -> the batch dict (keys, dtypes, shapes: the module docstring).
 

@@ -226,10 +226,26 @@ def batches_of(ds, transforms, rows, batch_size):
         yield part, data.collate([transforms(ds[int(i)]) for i in part])
 
 
+def backbone_from_policy(model, checkpoint):
+    """Start a value function from a policy checkpoint's vision-language backbone (SigLIP, the
+    PaliGemma expert, the token embedding): it already grounds the prompt's words in the image,
+    which a value function trained from scratch on a few thousand episodes does not learn (it
+    predicts the mean return). pi*0.6 starts its value function from a pretrained VLM too."""
+    policy = models.load(checkpoint)
+    if (policy.cfg.vision, policy.cfg.llm) != (model.cfg.vision, model.cfg.llm):
+        raise ValueError(f"{checkpoint}: its backbone ({policy.cfg.vision}, {policy.cfg.llm}) is not the value "
+                         f"function's ({model.cfg.vision}, {model.cfg.llm})")
+    mine = model.state_dict()
+    shared = {k: v for k, v in policy.state_dict().items() if k in mine and mine[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
 def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=None, c_fail_factor=1.0,
-                tokenizer=None, norm_stats=None, log_every=100):
+                tokenizer=None, norm_stats=None, log_every=100, backbone=None):
     """Fit a value function to the return bins of every frame of `datasets` (opened readers.py
-    datasets); the first one's tokenizer and norm stats unless given. Saves it to `out`."""
+    datasets); the first one's tokenizer and norm stats unless given. Saves it to `out`.
+    init: a value function to continue; backbone: a policy checkpoint to start the backbone from."""
     roots = [Path(ds.files[0]).parent if hasattr(ds, "files") else Path(ds.root) for ds in datasets]
     tokenizer = tokenizer or roots[0] / "tokenizer.model"
     norm_stats = norm_stats or roots[0] / "norm_stats.json"
@@ -239,7 +255,10 @@ def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=
         model = load_value(init).train()
     else:
         ds0 = datasets[0]
-        model = ValueFunction(ValueConfig(vocab_size=max(1024, sp.vocab_size()), cameras=tuple(ds0.cameras)))
+        vocab = models.read_config(backbone).vocab_size if backbone else max(1024, sp.vocab_size())
+        model = ValueFunction(ValueConfig(vocab_size=vocab, cameras=tuple(ds0.cameras)))
+        if backbone:
+            print(f"value function: {backbone_from_policy(model, backbone)} tensors from {backbone}'s backbone")
     cfg = model.cfg
     transforms = [value_transforms(cfg, ds, sp, norm_stats) for ds in datasets]
     targets = [np.concatenate([to_bins(g) for _, g in episode_returns(ds, c_fail_factor)]) for ds in datasets]
@@ -353,20 +372,13 @@ def read_advantages(path, ds):
     return table
 
 
-class RecapDataset:
+class RecapDataset(data.DatasetView):
     """A dataset whose samples carry their frame's improvement indicator (sample["indicator"]);
     data.Transforms then makes the prompt with and without it."""
 
     def __init__(self, dataset, table):
-        self.dataset, self.table = dataset, table
-
-    def __getattr__(self, name):  # everything else (cameras, chunk_size, state, ...) is the dataset's
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __len__(self):
-        return len(self.dataset)
+        super().__init__(dataset)
+        self.table = table
 
     def __getitem__(self, i):
         s = self.dataset[i]
@@ -487,7 +499,7 @@ def cmd_demo(args):
 
 def cmd_value(args):
     train_value(open_datasets(args.data), args.out, args.steps, args.batch_size, args.lr, args.seed, args.init,
-                args.c_fail)
+                args.c_fail, backbone=args.backbone)
 
 
 def cmd_advantages(args):
@@ -509,6 +521,7 @@ def main(argv=None):
     v.add_argument("--data", nargs="+", required=True, help="datasets (HDF5 or LeRobot) with success labels")
     v.add_argument("--out", required=True, help="where the value function goes")
     v.add_argument("--init", default=None, help="a value function to fine-tune")
+    v.add_argument("--backbone", default=None, help="a policy checkpoint whose SigLIP + PaliGemma start the value function")
     v.add_argument("--steps", type=int, default=2000)
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--lr", type=float, default=1e-3)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data import as_uint8_image, check_finite, make_bool_mask
+from data import DatasetView, as_uint8_image, check_finite, make_bool_mask
 
 PI_VIEWS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # pi0 / pi0.5 cameras, in order
 
@@ -337,29 +337,21 @@ def robot_outputs(settings, actions):
 # request (openpi's RepackTransform), then the same robot_inputs as at inference, with actions
 
 
-class RobotDataset:
+class RobotDataset(DatasetView):
     """A dataset (readers.py) seen through an openpi config: samples are robot_inputs of the
     repacked request (model cameras, zero views, ALOHA's adapt_to_pi on state and actions); state
     and actions columns are in the model's space too, for norm stats and the FAST tokenizer.
     data.Transforms then takes deltas and normalizes, exactly as for any other dataset."""
 
     def __init__(self, dataset, settings, images, prompt_from_task=True):
-        self.dataset, self.settings, self.images = dataset, settings, images  # images: request key <- camera
+        super().__init__(dataset)
+        self.settings, self.images = settings, images  # images: request key <- camera
         # openpi's prompt: the LeRobot task, or (configs without prompt_from_task) the default prompt
         self.prompt = None if prompt_from_task else settings["default_prompt"]
         self.cameras = list(settings["views"])  # the model's views
-        self.num_episodes, self.ep_start, self.ep_end = dataset.num_episodes, dataset.ep_start, dataset.ep_end
         state = dataset.state.astype(np.float64)
         self.state = (aloha_state_to_pi(state) if settings["adapt_to_pi"] else state).astype(np.float32)
         self.actions = robot_actions_to_model(settings, dataset.actions).astype(np.float32)
-
-    def __getattr__(self, name):  # everything else (chunk_size, fps, tasks, ...) is the dataset's
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, i):
         s = self.dataset[i]

@@ -28,6 +28,8 @@ Command line:
     python sim.py eval --checkpoint ckpt/ --env builtin --episodes 200 [--seed S --n-action-steps K --out DIR]
     python sim.py eval --checkpoint ckpt/ --env pusht --episodes 50 --camera observation.image
     python sim.py eval --expert --env builtin            # the scripted expert, no checkpoint needed
+    python sim.py eval --checkpoint ckpt/ --env aloha_sim    # gym-aloha through openpi's ALOHA request
+    python sim.py collect --checkpoint ckpt/ --episodes 500 --out rollouts/   # labelled rollouts (RECAP)
 
 Axis legend (paligemma.py's): E live episodes, C chunk (actions per policy call), A action dim, H/W image size.
 """
@@ -610,6 +612,14 @@ def cmd_demos(args):
           f"(95% CI {rand['ci95'][0]:.2f}-{rand['ci95'][1]:.2f})")
 
 
+def cmd_collect(args):
+    from policy import Policy
+    r = record_rollouts(Policy(args.checkpoint, device=args.device, cfg_beta=args.cfg_beta), args.out, args.episodes,
+                        args.seed, args.n_action_steps)
+    print(f"wrote {args.episodes} episodes of {args.checkpoint} to {args.out}: {r['successes']} successful "
+          f"(each file's `success` attribute)")
+
+
 def cmd_rtc(args):
     from policy import Policy
     out = Path(args.out or args.checkpoint)
@@ -661,6 +671,14 @@ def main(argv=None):
     demos.add_argument("--out", required=True, help="output folder")
     demos.add_argument("--seed", type=int, default=DEMO_SEED, help="episode i uses seed + i")
     demos.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size")
+    co = sub.add_parser("collect", help="a policy's own episodes with success labels (RECAP's rollouts)")
+    co.add_argument("--checkpoint", required=True, help="checkpoint directory (policy.Policy)")
+    co.add_argument("--episodes", type=int, default=500)
+    co.add_argument("--out", required=True, help="output folder (HDF5 episodes like the demos)")
+    co.add_argument("--seed", type=int, default=500_000, help="episode i uses seed + i (demos 0.., eval 10^6..)")
+    co.add_argument("--n-action-steps", type=int, default=5)
+    co.add_argument("--cfg-beta", type=float, default=None, help="RECAP checkpoints: classifier-free guidance")
+    co.add_argument("--device", default="cpu")
     sw = sub.add_parser("rtc", help="latency study: naive switching vs real-time chunking as the delay grows")
     sw.add_argument("--checkpoint", required=True, help="a pi0 / pi0.5 checkpoint trained on the built-in task")
     sw.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 3], help="inference delays d, in steps")
@@ -686,7 +704,7 @@ def main(argv=None):
     ev.add_argument("--gif", type=int, default=4, help="episodes shown in the GIF (0: none)")
     ev.add_argument("--out", default=None, help="folder for eval.json and eval.gif")
     args = parser.parse_args(argv)
-    {"demos": cmd_demos, "rtc": cmd_rtc, "eval": cmd_eval}[args.command](args)
+    {"demos": cmd_demos, "collect": cmd_collect, "rtc": cmd_rtc, "eval": cmd_eval}[args.command](args)
 
 
 if __name__ == "__main__":
