@@ -4,6 +4,8 @@
     torchrun --standalone --nproc_per_node=2 train.py --model pi05
     torchrun --nproc_per_node=8 train.py --model pi05 --config full --init ckpt/pi05_base \\
         --data my_lerobot_dataset --batch-size 32 --steps 30000 --lr 2.5e-5
+    torchrun --nproc_per_node=8 train.py --openpi-config pi0_aloha_pen_uncap --config full \\
+        --init ckpt/pi0_base --data my_aloha_dataset     # openpi's robot transforms and recipe (robots.py)
 
 With no --data it trains on the built-in task of sim.py (demonstrations generated once, cached)
 and ends with a closed-loop evaluation. The recipe follows openpi's JAX trainer, where the PyTorch
