@@ -370,3 +370,36 @@ def test_every_config_converts_and_serves_without_edits(name, fake_openpi_checkp
     if c.action_horizon:
         assert policy.model.cfg.action_horizon == c.action_horizon
     assert ("valid" in out) == (c.model == "pi0_fast")
+
+
+def test_fine_tune_on_a_lerobot_aloha_dataset_as_pi0_aloha_then_serve_it(tmp_path, tiny_sp):
+    """A LeRobot ALOHA dataset (written by lerobot: observation.images.top video, observation.state /
+    action 14) read as openpi's pi0_aloha reads it: the repack names the columns, cam_high <- top,
+    the wrist column unused, deltas on the joints in pi's space; training exports a checkpoint whose
+    ALOHA request gives the training sample's model inputs."""
+    import subprocess
+    import sys
+    src = os.path.join(ROOT, "tests", "fixtures", "lerobot", "v21")
+    stats, tok = tmp_path / "norm_stats.json", tmp_path / "tokenizer.model"
+    tok.write_bytes(tiny_sp.serialized_model_proto())
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+    res = run("data.py", "stats", src, "--openpi-config", "pi0_aloha", "--out", str(stats))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "norm_stats.meta.json").read_text())["delta_mask"] == [True] * 6 + [False] + [True] * 6 + [False]
+    res = run("train.py", "--openpi-config", "pi0_aloha", "--data", src, "--norm-stats", str(stats), "--tokenizer",
+              str(tok), "--config", "tiny", "--steps", "2", "--batch-size", "2", "--eval-episodes", "0",
+              "--out", str(tmp_path / "run"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    policy = policy_mod.Policy(tmp_path / "run" / "final")
+    assert policy.settings["robot"] == "aloha" and policy.settings["delta_mask"] is not None
+    ds = robots.open_robot_dataset(src, "pi0_aloha", policy.model.cfg.action_horizon)
+    assert ds.images == {"images/cam_high": "observation.images.top"}
+    raw = ds.dataset[2]
+    request = {"images": {"cam_high": np.moveaxis(raw["images"]["observation.images.top"], -1, 0)},
+               "state": raw["state"], "prompt": raw["prompt"]}
+    batch, _ = policy.model_inputs([request])
+    want = policy.transforms(ds[2])
+    for k in ("images", "image_masks", "state", "tokens", "token_masks"):
+        np.testing.assert_allclose(batch[k][0].numpy(), want[k], rtol=0, atol=1e-6, err_msg=k)
+    actions = policy.infer(request)["actions"]
+    assert actions.shape == (policy.model.cfg.action_horizon, 14) and np.isfinite(actions).all()
