@@ -95,7 +95,7 @@ RESUME_MUST_MATCH = ("model", "config", "init", "data", "norm_stats", "tokenizer
                      "end_lr_frac", "steps", "weight_decay", "b2", "clip", "ema", "dropout", "freeze", "lora",
                      "lora_rank", "fast", "knowledge_insulation", "fast_tokenizer", "max_fast_tokens", "chunk", "seed",
                      "rtc_max_delay", "augment", "openpi_config", "cameras",
-                     "lora_init", "recap", "indicator_dropout")
+                     "lora_init", "recap", "indicator_dropout", "rtc_prefix_share")
 
 
 def check_resume_args(saved, a, path):

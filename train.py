@@ -98,6 +98,9 @@ p.add_argument("--indicator-dropout", type=float, default=0.3,
 p.add_argument("--rtc-max-delay", type=int, default=0,
                help="training-time real-time chunking: a committed prefix of 0..D steps, given clean at t = 0 "
                     "(pi0 / pi0.5; 0 = off)")
+p.add_argument("--rtc-prefix-share", type=float, default=1.0,
+               help="training-time RTC: share of samples that get a prefix draw at all (the others train "
+                    "unconditioned); below 1 the model must still read the prompt for its first chunk")
 p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
 p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
 p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
@@ -181,6 +184,7 @@ def validate_args(a):
     need(a.chunk is None or a.chunk >= 1, "--chunk", "must be >= 1")
     need(a.rtc_max_delay >= 0, "--rtc-max-delay", "must be >= 0 (0 = off)")
     need(0 <= a.indicator_dropout < 1, "--indicator-dropout", "must be in [0, 1)")
+    need(0 < a.rtc_prefix_share <= 1, "--rtc-prefix-share", "must be in (0, 1]")
     need(a.stop_after is None or a.stop_after >= 1, "--stop-after", "must be >= 1")
     need(set(filter(None, a.freeze.split(","))) <= {"vision", "llm"}, "--freeze", "a comma list of vision, llm")
     need(set(filter(None, a.lora.split(","))) <= {"llm", "expert"}, "--lora", "a comma list of llm, expert")
@@ -488,11 +492,15 @@ def drop_indicator(batch, step, a, rank, world):
     return dict(batch, tokens=tokens, token_masks=masks)
 
 
-def draw_delays(step, global_batch, max_delay, seed, device):
+def draw_delays(step, global_batch, max_delay, seed, device, share=1.0):
     """Training-time real-time chunking: a committed-prefix length per sample, uniform on
-    {0, ..., max_delay} (0 keeps plain flow matching in the mix), a pure function of (seed, step)."""
+    {0, ..., max_delay} (0 keeps plain flow matching in the mix), a pure function of (seed, step).
+    share < 1: only that share of the samples draws a prefix; the others get 0."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777_777)  # apart from the noise's
-    return torch.randint(0, max_delay + 1, (global_batch,), generator=g).to(device)
+    delay = torch.randint(0, max_delay + 1, (global_batch,), generator=g)
+    if share < 1.0:  # drawn after the delays, so share = 1 keeps the numbers of runs before the flag
+        delay = torch.where(torch.rand(global_batch, generator=g) < share, delay, 0)
+    return delay.to(device)
 
 
 def loss_shares(batch, terms, grad_accum, device, ddp, free=None):
@@ -529,7 +537,7 @@ def train_step(a, step, model, batch, terms, weights, flow, ctx):
         # this rank's rows of the global batch (data.Loader interleaves samples across ranks)
         noise, time_ = noise[rank::world], time_[rank::world]
         if a.rtc_max_delay:
-            delay = draw_delays(step, a.batch_size, a.rtc_max_delay, a.seed, device)[rank::world]
+            delay = draw_delays(step, a.batch_size, a.rtc_max_delay, a.seed, device, a.rtc_prefix_share)[rank::world]
             free = free_steps(delay, cfg.action_horizon)
     if a.augment:
         batch = dict(batch, images=augment_images(batch["images"], step, a, cfg.cameras, rank, world))

@@ -266,3 +266,16 @@ def test_training_with_a_committed_prefix_exports_a_policy_that_continues_it(tmp
     np.testing.assert_allclose(out[0, :2], prev[0, 2:4], atol=1e-4)  # the committed steps, unchanged
     with pytest.raises(ValueError, match="delay 3 exceeds the 2 steps"):
         policy.infer_batch([obs], prev_actions=prev, delay=3, execution_horizon=3)
+
+
+def test_prefix_share_leaves_that_share_of_samples_a_prefix_draw():
+    """--rtc-prefix-share p: only a share p of the samples draw a committed prefix (the rest train
+    unconditioned); p = 1 draws exactly the delays of runs before the flag."""
+    import train
+    full = train.draw_delays(5, 4000, 3, 0, "cpu")
+    g = torch.Generator().manual_seed(0 * 1_000_003 + 5 + 7_777_777)
+    assert torch.equal(full, torch.randint(0, 4, (4000,), generator=g))
+    some = train.draw_delays(5, 4000, 3, 0, "cpu", share=0.3)
+    kept = some != 0
+    assert torch.equal(some[kept], full[kept])  # the same draws where a prefix is kept
+    assert abs(kept.float().mean().item() - 0.3 * 3 / 4) < 0.03  # a share 0.3, of which 3/4 are non-zero
