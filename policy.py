@@ -412,12 +412,18 @@ def plot(args):
     """Draw, for a few frames of a dataset, the recorded chunk (grey) and the predicted one (colour)."""
     from PIL import Image, ImageDraw
     policy = Policy(args.checkpoint, device=args.device or "cpu", num_steps=args.steps)
-    ds = data.open_dataset(args.data, chunk_size=policy.model.cfg.action_horizon)
-    frames = np.linspace(0, len(ds) - 1, args.frames).astype(int)
-    samples = [ds[int(i)] for i in frames]
+    if policy.robot:  # an openpi config's checkpoint: the dataset read as that config reads it
+        ds = robots.open_robot_dataset(args.data, policy.settings["openpi_config"], policy.model.cfg.action_horizon)
+        frames = np.linspace(0, len(ds) - 1, args.frames).astype(int)
+        pairs = [ds.request(int(i)) for i in frames]
+        samples, recorded = [q for q, _ in pairs], np.stack([s["actions"] for _, s in pairs])
+    else:
+        ds = data.open_dataset(args.data, chunk_size=policy.model.cfg.action_horizon)
+        frames = np.linspace(0, len(ds) - 1, args.frames).astype(int)
+        samples = [ds[int(i)] for i in frames]
+        recorded = np.stack([s["actions"] for s in samples])
     torch.manual_seed(0)
     predicted = policy.infer_batch(samples)  # (F, C, A)
-    recorded = np.stack([s["actions"] for s in samples])
     F_, C, A = predicted.shape
     cell_w, cell_h, pad = 260, 110, 24
     img = Image.new("RGB", (cell_w * A, (cell_h + pad) * F_ + pad), "white")

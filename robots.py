@@ -353,13 +353,20 @@ class RobotDataset(DatasetView):
         self.state = (aloha_state_to_pi(state) if settings["adapt_to_pi"] else state).astype(np.float32)
         self.actions = robot_actions_to_model(settings, dataset.actions).astype(np.float32)
 
-    def __getitem__(self, i):
+    def request(self, i):
+        """Frame i as the robot would send it (its own keys; the state under its state key), with
+        the recorded action chunk in the robot's units: what policy.py plot feeds a checkpoint."""
         s = self.dataset[i]
-        group = ROBOTS[self.settings["robot"]].image_group
+        robot = ROBOTS[self.settings["robot"]]
+        group = robot.image_group
         images = {key.split("/", 1)[1] if group else key: s["images"][cam] for key, cam in self.images.items()}
-        request = {group: images} if group else images
+        request = {group: images} if group else dict(images)
         prompt = self.prompt if self.prompt is not None else s["prompt"]
-        out = robot_inputs(self.settings, dict(request, actions=s["actions"], prompt=prompt), state=s["state"])
+        return dict(request, **{robot.state[0]: s["state"]}, prompt=prompt), s
+
+    def __getitem__(self, i):
+        request, s = self.request(i)
+        out = robot_inputs(self.settings, dict(request, actions=s["actions"]))
         return dict(out, action_is_pad=s["action_is_pad"])
 
     def action_chunks(self, rows):

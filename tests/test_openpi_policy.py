@@ -403,3 +403,8 @@ def test_fine_tune_on_a_lerobot_aloha_dataset_as_pi0_aloha_then_serve_it(tmp_pat
         np.testing.assert_allclose(batch[k][0].numpy(), want[k], rtol=0, atol=1e-6, err_msg=k)
     actions = policy.infer(request)["actions"]
     assert actions.shape == (policy.model.cfg.action_horizon, 14) and np.isfinite(actions).all()
+    request_back, _ = ds.request(2)  # what `policy.py plot` feeds: the robot's own request
+    assert request_back["images"]["cam_high"].shape[-1] == 3 and request_back["state"].shape == (14,)
+    res = run("policy.py", "plot", "--checkpoint", str(tmp_path / "run" / "final"), "--data", src, "--frames", "2",
+              "--out", str(tmp_path / "plot.png"))
+    assert res.returncode == 0 and (tmp_path / "plot.png").exists(), res.stderr[-2000:]
