@@ -410,9 +410,9 @@ def write_progress(total_bytes):
         bar.update(total_bytes - bar.n)
 
 
-def serving_files(openpi_config, cfg, norm_stats, tokenizer, fast_tokenizer):
-    """What --openpi-config adds to the checkpoint: (policy.json, [(file, name in the checkpoint)]).
-    Every missing piece is an error naming the flag that supplies it. cfg None: check only."""
+def check_serving_inputs(openpi_config, norm_stats, tokenizer, fast_tokenizer):
+    """What --openpi-config needs besides the weights, checked before they are read: every
+    missing piece is an error naming the flag that supplies it."""
     c = robots.openpi_config(openpi_config)
     if norm_stats is None:
         raise FileNotFoundError(f"{openpi_config} needs the norm stats of asset id '{c.asset_id}' "
@@ -423,8 +423,11 @@ def serving_files(openpi_config, cfg, norm_stats, tokenizer, fast_tokenizer):
     if c.model == "pi0_fast" and (fast_tokenizer is None or not os.path.isdir(fast_tokenizer)):
         raise ValueError(f"{openpi_config}: pi0-FAST reads its actions back with the FAST tokenizer: "
                          "--fast-tokenizer DIR (physical-intelligence/fast: tokenizer.json + processor_config.json)")
-    if cfg is None:  # the checks that need no weights, made before the long part
-        return None
+
+
+def serving_files(openpi_config, cfg, tokenizer, fast_tokenizer):
+    """What --openpi-config adds to the checkpoint: (policy.json, [(file, name in the checkpoint)])."""
+    c = robots.openpi_config(openpi_config)
     sp = load_sentencepiece(tokenizer)
     if sp.vocab_size() > cfg.vocab_size:
         raise ValueError(f"--tokenizer {tokenizer} has {sp.vocab_size()} pieces, more than the model's "
@@ -449,13 +452,13 @@ def convert(checkpoint, out, model=None, dtype="fp32", asset_id=None, openpi_con
         flags = {**robots.model_overrides(openpi_config), **{k: v for k, v in flags.items() if v is not None}}
     norm_stats = find_norm_stats(assets_dir, asset_id)  # before the long part: fail fast
     if openpi_config is not None:
-        serving_files(openpi_config, None, norm_stats, tokenizer, fast_tokenizer)
+        check_serving_inputs(openpi_config, norm_stats, tokenizer, fast_tokenizer)
     print(f"reading {params_dir}")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     net = model_from_params(read_orbax(params_dir), model, torch_dtype, progress=True, **flags)
     policy, files = None, []
     if openpi_config is not None:
-        policy, files = serving_files(openpi_config, net.cfg, norm_stats, tokenizer, fast_tokenizer)
+        policy, files = serving_files(openpi_config, net.cfg, tokenizer, fast_tokenizer)
     print(f"{net.cfg.model}: {json.dumps(net.cfg.to_dict())}")
     size = sum(t.nbytes for t in net.state_dict().values())
     with write_progress(size):

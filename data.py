@@ -286,15 +286,18 @@ def save_norm_stats(stats, path, **representation):
     """Write openpi's norm_stats.json atomically (temporary file, then rename). representation:
     what the stats are of (e.g. delta_mask=[...] or None), written beside it to stats_meta_path
     (openpi's loader refuses any key but "norm_stats", so the file itself stays openpi's)."""
-    out = {"norm_stats": {k: {s: np.asarray(v, np.float64).tolist() for s, v in d.items()}
-                          for k, d in stats.items()}}
-    for target, obj in ((path, out), (stats_meta_path(path), representation)):
-        if target != path and not representation:
-            continue
-        tmp = f"{target}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, target)
+    write_json(path, {"norm_stats": {k: {s: np.asarray(v, np.float64).tolist() for s, v in d.items()}
+                                     for k, d in stats.items()}})
+    if representation:
+        write_json(stats_meta_path(path), representation)
+
+
+def write_json(path, obj, indent=2):
+    """A JSON file written atomically: a temporary sibling, then one rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
 
 
 def stats_meta_path(path):

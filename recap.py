@@ -349,10 +349,7 @@ def compute_advantages(value_fn, datasets, n_steps=10, positive_fraction=0.3, c_
 
 
 def write_advantages(path, table):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(table, f)
-    os.replace(tmp, path)
+    data.write_json(path, table, indent=None)
 
 
 def read_advantages(path, ds):
