@@ -62,6 +62,7 @@ def test_convert_then_policy_gives_openpis_inputs_and_actions(converted):
     assert cfg.action_horizon == config["action_horizon"] and cfg.max_token_len == config["max_token_len"]
     stats = policy.transforms.norm_stats["actions"]
     scale = np.max(stats["q99"] - stats["q01"]) / 2 if config["use_quantile_norm"] else np.max(stats["std"])
+    worst = {"state": 0.0, "model output": 0.0, "actions": 0.0}  # printed with pytest -s (the README's figures)
     for c in range(config["num_cases"]):
         raw = raw_observation(cases, f"case{c}/raw/", nested)
         want = lambda k: cases[f"case{c}/model_input/{k}"]
@@ -80,6 +81,12 @@ def test_convert_then_policy_gives_openpis_inputs_and_actions(converted):
         assert actions.shape == cases[f"case{c}/actions"].shape
         np.testing.assert_allclose(actions, cases[f"case{c}/actions"], rtol=0, atol=1e-4 * max(1.0, scale),
                                    err_msg=f"{config['openpi_config_name']} case {c}: actions")
+        for k, got, want_ in (("state", batch["state"][0].numpy(), want("state")),
+                              ("model output", model_output, cases[f"case{c}/model_output"]),
+                              ("actions", actions, cases[f"case{c}/actions"])):
+            worst[k] = max(worst[k], float(np.abs(got - want_).max()))
+    print(f"\n{config['openpi_config_name']}: images, masks, tokens identical; max |diff| "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
 
 
 def test_the_converted_directory_describes_the_robot(converted):
