@@ -36,6 +36,7 @@ K value bins, T an episode's frames.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -76,6 +77,18 @@ def normalized_returns(rewards, norm):
 def to_bins(returns):
     """Normalized returns in [-1, 0] -> the nearest of BINS equally spaced values."""
     return np.round((np.asarray(returns) + 1.0) * (BINS - 1)).astype(np.int64)
+
+
+def soft_bins(returns, sigma):
+    """HL-Gauss targets (Imani & White 2018; Farebrother et al. 2024): the mass of N(return, sigma)
+    that falls in each bin, (B, K). sigma 0: the one-hot bin of to_bins."""
+    returns = np.asarray(returns, np.float64)
+    if sigma <= 0:
+        return np.eye(BINS, dtype=np.float32)[to_bins(returns)]
+    half = 0.5 / (BINS - 1)
+    edges = np.concatenate([[-np.inf], np.linspace(-1.0, 0.0, BINS)[:-1] + half, [np.inf]])  # (K+1,)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)((edges[None] - returns[:, None]) / (sigma * math.sqrt(2))))
+    return np.diff(cdf, axis=1).astype(np.float32)
 
 
 def bin_values(device=None):
@@ -232,7 +245,8 @@ def backbone_from_policy(model, checkpoint):
     which a value function trained from scratch on a few thousand episodes does not learn (it
     predicts the mean return). pi*0.6 starts its value function from a pretrained VLM too."""
     policy = models.load(checkpoint)
-    if (policy.cfg.vision, policy.cfg.llm) != (model.cfg.vision, model.cfg.llm):
+    shape = lambda c: dataclasses.replace(c, dropout=0.0) if hasattr(c, "dropout") else c  # dropout is not a weight
+    if (policy.cfg.vision, shape(policy.cfg.llm)) != (model.cfg.vision, shape(model.cfg.llm)):
         raise ValueError(f"{checkpoint}: its backbone ({policy.cfg.vision}, {policy.cfg.llm}) is not the value "
                          f"function's ({model.cfg.vision}, {model.cfg.llm})")
     mine = model.state_dict()
@@ -242,12 +256,13 @@ def backbone_from_policy(model, checkpoint):
 
 
 def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=None, c_fail_factor=1.0,
-                tokenizer=None, norm_stats=None, log_every=100, backbone=None):
+                tokenizer=None, norm_stats=None, log_every=100, backbone=None, label_sigma=0.0):
     """Fit a value function to the return bins of every frame of `datasets` (opened readers.py
     datasets); the first one's tokenizer and norm stats unless given. Saves it to `out`.
     init: a value function to continue; backbone: a policy checkpoint to start the backbone from."""
     roots = [Path(ds.files[0]).parent if hasattr(ds, "files") else Path(ds.root) for ds in datasets]
-    tokenizer = tokenizer or roots[0] / "tokenizer.model"
+    # a backbone's token embedding belongs to its tokenizer
+    tokenizer = tokenizer or (Path(backbone) / "tokenizer.model" if backbone else roots[0] / "tokenizer.model")
     norm_stats = norm_stats or roots[0] / "norm_stats.json"
     sp = models.load_sentencepiece(tokenizer)
     torch.manual_seed(seed)
@@ -261,7 +276,7 @@ def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=
             print(f"value function: {backbone_from_policy(model, backbone)} tensors from {backbone}'s backbone")
     cfg = model.cfg
     transforms = [value_transforms(cfg, ds, sp, norm_stats) for ds in datasets]
-    targets = [np.concatenate([to_bins(g) for _, g in episode_returns(ds, c_fail_factor)]) for ds in datasets]
+    returns = [np.concatenate([g for _, g in episode_returns(ds, c_fail_factor)]) for ds in datasets]
     sizes = np.array([len(ds) for ds in datasets])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-10)
     rng, t0, losses = np.random.default_rng(seed), time.perf_counter(), []
@@ -272,9 +287,9 @@ def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=
         which = rng.choice(len(datasets), batch_size, p=sizes / sizes.sum())
         rows = [int(rng.integers(sizes[d])) for d in which]
         batch = data.collate([transforms[d](datasets[d][i]) for d, i in zip(which, rows)])
-        target = torch.from_numpy(np.array([targets[d][i] for d, i in zip(which, rows)]))
+        g = np.array([returns[d][i] for d, i in zip(which, rows)])
         logits = model(batch)
-        loss = F.cross_entropy(logits.float(), target)
+        loss = F.cross_entropy(logits.float(), torch.from_numpy(soft_bins(g, label_sigma)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -282,7 +297,7 @@ def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             with torch.no_grad():
-                err = (logits.float().softmax(-1) @ bin_values() - target.float() / (BINS - 1) + 1).abs().mean()
+                err = (logits.float().softmax(-1) @ bin_values() - torch.from_numpy(g).float()).abs().mean()
             print(f"value step {step + 1}/{steps}: CE {np.mean(losses[-log_every:]):.3f}, |V - return| "
                   f"{err:.3f}, {1000 * (time.perf_counter() - t0) / (step + 1):.0f} ms/step", flush=True)
     models.save_pretrained(model, out, norm_stats=data.load_norm_stats(norm_stats),
@@ -439,7 +454,9 @@ def add_demo_args(p):
     p.add_argument("--episodes", type=int, default=2000, help="demonstrations, expert and degraded")
     p.add_argument("--degraded", type=float, default=0.6, help="share of episodes by the degraded demonstrator")
     p.add_argument("--steps", type=int, default=3000, help="policy training steps (imitation and RECAP alike)")
-    p.add_argument("--value-steps", type=int, default=1500)
+    p.add_argument("--value-steps", type=int, default=2500)
+    p.add_argument("--label-sigma", type=float, default=0.05,
+                   help="the value function's HL-Gauss target spread (0: the paper's one-hot bin; see README)")
     p.add_argument("--rollouts", type=int, default=1000, help="iteration 2: the RECAP policy's own episodes")
     p.add_argument("--finetune-steps", type=int, default=1500, help="iteration 2: policy fine-tuning steps")
     p.add_argument("--eval-episodes", type=int, default=300)
@@ -465,7 +482,9 @@ def cmd_demo(args):
     rows = {}
     imitation = train_policy(out / "imitation", [demos], args, "--steps", args.steps)
     rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
-    value1 = train_value([data.open_dataset(demos, 1)], out / "value1", steps=args.value_steps, seed=args.seed)
+    # the value function starts from the imitation policy's SigLIP + PaliGemma (pi*0.6 starts from a pretrained VLM)
+    value1 = train_value([data.open_dataset(demos, 1)], out / "value1", steps=args.value_steps, seed=args.seed,
+                         backbone=imitation, label_sigma=args.label_sigma)
     (table,) = compute_advantages(value1, [data.open_dataset(demos, 1)], args.n_steps)
     write_advantages(sidecar_path(demos), table)
     plot_values([table], [data.open_dataset(demos, 1)], out / "value.png")
@@ -477,7 +496,8 @@ def cmd_demo(args):
     print(f"rollouts of the RECAP policy: {r['successes']}/{r['episodes']} successful")
     both = [data.open_dataset(demos, 1), data.open_dataset(rollouts, 1)]
     value2 = train_value(both, out / "value2", steps=args.value_steps // 2, seed=args.seed + 1, init=out / "value1",
-                         tokenizer=demos / "tokenizer.model", norm_stats=demos / "norm_stats.json")
+                         tokenizer=demos / "tokenizer.model", norm_stats=demos / "norm_stats.json",
+                         label_sigma=args.label_sigma)
     for path, t in zip([demos, rollouts], compute_advantages(value2, both, args.n_steps)):
         write_advantages(sidecar_path(path), t)
     recap2 = train_policy(out / "recap2", [demos, rollouts], args, "--steps", args.finetune_steps, "--recap", 1,
@@ -496,7 +516,7 @@ def cmd_demo(args):
 
 def cmd_value(args):
     train_value(open_datasets(args.data), args.out, args.steps, args.batch_size, args.lr, args.seed, args.init,
-                args.c_fail, backbone=args.backbone)
+                args.c_fail, backbone=args.backbone, label_sigma=args.label_sigma)
 
 
 def cmd_advantages(args):
@@ -523,6 +543,8 @@ def main(argv=None):
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--label-sigma", type=float, default=0.0,
+                   help="HL-Gauss targets: spread each return over the bins with this std (0: the paper's one-hot bin)")
     a = sub.add_parser("advantages", help="N-step advantages and indicators -> <dataset>.advantages.json")
     a.add_argument("--value", required=True, help="a value function (recap.py value)")
     a.add_argument("--data", nargs="+", required=True)

@@ -27,6 +27,19 @@ def test_rewards_returns_and_bins_by_hand():
     assert recap.to_bins([-1 / 3]).tolist() == [133]  # nearest of 201 equally spaced values
 
 
+def test_hl_gauss_targets_are_distributions_centred_on_the_return():
+    g = np.array([-1.0, -0.61, -0.3, 0.0])
+    assert np.array_equal(recap.soft_bins(g, 0.0).argmax(1), recap.to_bins(g))  # sigma 0: the one-hot bin
+    assert np.array_equal(recap.soft_bins(g, 0.0).sum(1), np.ones(4))
+    p = recap.soft_bins(g, 0.05)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+    centres = np.linspace(-1, 0, recap.BINS)
+    np.testing.assert_allclose((p * centres).sum(1)[1:3], g[1:3], atol=1e-4)  # away from the ends: the mean
+    spread = np.sqrt((p * (centres - g[:, None]) ** 2).sum(1))[1:3]
+    np.testing.assert_allclose(spread, 0.05, rtol=0.02)
+    assert p[0, 0] > 0.45 and p[-1, -1] > 0.45  # the ends keep the mass beyond them
+
+
 def test_n_step_advantage_by_hand():
     r = np.array([-1, -1, -1, 0]) / 8.0
     v = np.array([-0.4, -0.3, -0.2, -0.1])
