@@ -40,8 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -407,12 +405,9 @@ def open_datasets(paths, chunk_size=1):
 
 def train_policy(out, datasets, args, *extra):
     """train.py in a subprocess, exactly as a user runs it; -> the exported checkpoint."""
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--model",
-           args.model, "--data", *map(str, datasets), "--out", str(out), "--eval-episodes", "0", "--seed",
-           str(args.seed), "--norm-stats", str(Path(datasets[0]) / "norm_stats.json"), *map(str, extra)]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
-    return Path(out) / "final"
+    import sim
+    return sim.run_train(out, "--model", args.model, "--data", *datasets, "--eval-episodes", 0, "--seed", args.seed,
+                         "--norm-stats", Path(datasets[0]) / "norm_stats.json", *extra)
 
 
 def closed_loop(checkpoint, episodes, cfg_beta=None):
@@ -446,6 +441,22 @@ def plot_values(tables, datasets, path, per_kind=12, width=640, height=360):
     draw.text((5, top + h - 10), "V=-1", fill="black")
     img.save(path)
     return path
+
+
+def value_separation(tables, datasets):
+    """How well V tells the episodes apart: mean V over the frames of successful and of failed
+    episodes, at their first and their last frame, and the share of (success, failure) pairs of
+    last frames that V orders right (an AUC)."""
+    v = {True: {"first": [], "last": [], "all": []}, False: {"first": [], "last": [], "all": []}}
+    for ds, table in zip(datasets, tables):
+        for key, ok in zip(episode_keys(ds), episode_labels(ds)[0]):
+            values = table["episodes"][str(key)]["value"]
+            for k, x in (("first", values[:1]), ("last", values[-1:]), ("all", values)):
+                v[bool(ok)][k] += x
+    last_ok, last_fail = np.array(v[True]["last"]), np.array(v[False]["last"])
+    auc = float(np.mean(last_ok[:, None] > last_fail[None])) if len(last_ok) and len(last_fail) else float("nan")
+    return {("success" if ok else "failure"): {k: float(np.mean(x)) for k, x in v[ok].items()} for ok in v} | {
+        "last_frame_auc": auc}
 
 
 def add_demo_args(p):
@@ -488,6 +499,10 @@ def cmd_demo(args):
     (table,) = compute_advantages(value1, [data.open_dataset(demos, 1)], args.n_steps)
     write_advantages(sidecar_path(demos), table)
     plot_values([table], [data.open_dataset(demos, 1)], out / "value.png")
+    separation = value_separation([table], [data.open_dataset(demos, 1)])
+    print("value function: mean V over successful / failed episodes {:.3f} / {:.3f}; first frames {:.3f} / {:.3f}; "
+          "last frames {:.3f} / {:.3f} (AUC {:.2f})".format(*(separation[k][w] for w in ("all", "first", "last")
+                                                            for k in ("success", "failure")), separation["last_frame_auc"]))
     recap1 = train_policy(out / "recap1", [demos], args, "--steps", args.steps, "--recap", 1)
     rows["RECAP, beta = 1"] = closed_loop(recap1, args.eval_episodes)
     rows[f"RECAP, CFG beta = {args.cfg_beta:g}"] = closed_loop(recap1, args.eval_episodes, args.cfg_beta)
@@ -510,7 +525,7 @@ def cmd_demo(args):
     print("\n".join(lines))
     minutes = (time.perf_counter() - t_start) / 60
     (out / "recap.md").write_text("\n".join(lines) + f"\n\n({minutes:.0f} min)\n")
-    (out / "recap.json").write_text(json.dumps(dict(rows=rows, args=vars(args), minutes=minutes), indent=2))
+    (out / "recap.json").write_text(json.dumps(dict(rows=rows, value=separation, args=vars(args), minutes=minutes), indent=2))
     print(f"wrote {out / 'recap.md'}, {out / 'recap.json'}, {out / 'value.png'} in {minutes:.1f} min")
 
 

@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -554,7 +555,8 @@ def record_rollouts(policy, out, episodes, seed, n_action_steps=5, progress=True
     return evaluate(policy, "builtin", episodes, seed, n_action_steps, progress=progress, on_step=on_step)
 
 
-def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=False, methods=None):
+def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=False, methods=None,
+              env_name="builtin", env_kwargs=None):
     """The latency study: for each delay d (execution horizon s = max(d, 1), the RTC paper's
     protocol), naive switching against real-time chunking: "rtc", inference-time guidance;
     "trained", a checkpoint trained with --rtc-max-delay continuing the committed steps.
@@ -563,7 +565,8 @@ def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=F
     rows = []
     for d in delays:
         for method, rtc in methods.items():
-            r = evaluate(policy, "builtin", episodes, seed, max(d, 1), delay=d, rtc=rtc, progress=progress)
+            r = evaluate(policy, env_name, episodes, seed, max(d, 1), delay=d, rtc=rtc, progress=progress,
+                         env_kwargs=env_kwargs)
             rows.append(dict(delay=d, s=max(d, 1), method=method, success_rate=r["success_rate"], ci95=r["ci95"],
                              mean_length=r["mean_length"], mean_jump=r["mean_jump"]))
             jump = "-" if r["mean_jump"] is None else f"{r['mean_jump']:.3f}"
@@ -620,16 +623,55 @@ def cmd_collect(args):
           f"(each file's `success` attribute)")
 
 
+def run_train(out, *args):
+    """train.py in a subprocess, exactly as a user runs it (skipped when out/final exists, so an
+    interrupted study resumes); -> the exported checkpoint."""
+    import subprocess
+    import sys
+    final = Path(out) / "final"
+    if (final / "model.safetensors").exists():
+        print(f"{final}: already trained, reused", flush=True)
+        return final
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "train.py"), *map(str, args), "--out", str(out)]
+    print("$ python " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return final
+
+
 def cmd_rtc(args):
+    """The sweep on a checkpoint, or (no --checkpoint) the whole study: train the model plainly
+    and with training-time RTC (--rtc-max-delay max(delays), --rtc-prefix-share), then sweep
+    naive / inference-time RTC on the first and the committed-prefix mode of the second."""
     from policy import Policy
-    out = Path(args.out or args.checkpoint)
+    if args.checkpoint is None and args.env != "builtin":
+        raise ValueError(f"--env {args.env}: give --checkpoint (the study trains on the built-in task only)")
+    t0 = time.perf_counter()
+    plain, trained = args.checkpoint, args.trained_checkpoint
+    if plain is None:
+        out = Path(args.out or "runs/rtc")
+        common = ["--model", args.model, "--steps", args.steps, "--chunk", args.chunk, "--seed", args.seed,
+                  "--eval-episodes", 0, *shlex.split(args.train_args)]
+        plain = run_train(out / "plain", *common)
+        trained = run_train(out / "trained", *common, "--rtc-max-delay", max(args.delays),
+                            "--rtc-prefix-share", args.prefix_share)
+    out = Path(args.out or plain)
     out.mkdir(parents=True, exist_ok=True)
-    rows = rtc_sweep(Policy(args.checkpoint, fast=True), args.delays, args.episodes, args.beta)
-    if args.trained_checkpoint:  # trained with --rtc-max-delay: the committed steps continued
-        rows += rtc_sweep(Policy(args.trained_checkpoint, fast=True), args.delays, args.episodes,
-                          methods={"trained": {}})
-    (out / "rtc.json").write_text(json.dumps(rows, indent=2))
-    print(f"wrote {out / 'rtc.json'} and {plot_sweep(rows, out / 'rtc.png')}")
+    env_kwargs = {} if args.camera is None else {"camera": args.camera}
+    sweep = dict(episodes=args.episodes, env_name=args.env, env_kwargs=env_kwargs)
+    rows = rtc_sweep(Policy(plain, fast=True), args.delays, beta=args.beta, **sweep)
+    if trained:  # trained with --rtc-max-delay: the committed steps continued
+        rows += rtc_sweep(Policy(trained, fast=True), args.delays, methods={"trained": {}}, **sweep)
+    lines = ["| delay d | " + " | ".join(f"{m}: success / jump" for m in dict.fromkeys(r["method"] for r in rows))
+             + " |", "|---" * (1 + len({r["method"] for r in rows})) + "|"]
+    for d in args.delays:
+        cells = [f"{r['success_rate']:.0%} / " + ("-" if r["mean_jump"] is None else f"{r['mean_jump']:.3f}")
+                 for r in rows if r["delay"] == d]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    (out / "rtc.json").write_text(json.dumps(dict(rows=rows, checkpoint=str(plain), trained_checkpoint=
+                                                  trained and str(trained), env=args.env), indent=2))
+    print(f"wrote {out / 'rtc.json'} and {plot_sweep(rows, out / 'rtc.png')} in "
+          f"{(time.perf_counter() - t0) / 60:.1f} min")
 
 
 def cmd_eval(args):
@@ -680,12 +722,25 @@ def main(argv=None):
     co.add_argument("--cfg-beta", type=float, default=None, help="RECAP checkpoints: classifier-free guidance")
     co.add_argument("--device", default="cpu")
     sw = sub.add_parser("rtc", help="latency study: naive switching vs real-time chunking as the delay grows")
-    sw.add_argument("--checkpoint", required=True, help="a pi0 / pi0.5 checkpoint trained on the built-in task")
-    sw.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 3], help="inference delays d, in steps")
+    sw.add_argument("--checkpoint", default=None,
+                    help="a pi0 / pi0.5 checkpoint to sweep (default: train one plainly and one with RTC, then sweep)")
+    sw.add_argument("--trained-checkpoint", default=None, help="the same model trained with --rtc-max-delay")
+    sw.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="inference delays d, in steps")
     sw.add_argument("--episodes", type=int, default=100)
     sw.add_argument("--beta", type=float, default=5.0, help="guidance weight cap (the paper's 5)")
-    sw.add_argument("--trained-checkpoint", default=None, help="the same model trained with --rtc-max-delay")
-    sw.add_argument("--out", default=None, help="folder for rtc.json and rtc.png (default: the checkpoint's)")
+    sw.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha", "aloha_sim"],
+                    help="the environment of the sweep (others need --checkpoint)")
+    sw.add_argument("--camera", default=None, help="the policy's camera name for the env's camera")
+    sw.add_argument("--out", default=None, help="folder for rtc.json and rtc.png (default: the checkpoint's, "
+                    "or runs/rtc for the whole study)")
+    st = sw.add_argument_group("the whole study (no --checkpoint): train.py's settings for both models")
+    st.add_argument("--model", default="pi05", choices=["pi0", "pi05"])
+    st.add_argument("--steps", type=int, default=6000)
+    st.add_argument("--chunk", type=int, default=10, help="actions per chunk (d <= s <= chunk - d)")
+    st.add_argument("--prefix-share", type=float, default=0.3,
+                    help="training-time RTC: share of samples with a committed prefix (train.py --rtc-prefix-share)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--train-args", default="", help='more train.py flags for both, e.g. "--batch-size 16"')
     ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
     ev.add_argument("--checkpoint", help="checkpoint directory (policy.Policy)")
     ev.add_argument("--expert", action="store_true", help="builtin only: evaluate the scripted expert instead")

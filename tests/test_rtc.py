@@ -125,6 +125,46 @@ def test_delayed_switching_executes_what_a_robot_would(monkeypatch):
         sim.evaluate(Counting(), "builtin", 1, n_action_steps=4, delay=3, progress=False)
 
 
+def test_the_sweep_runs_other_environments():
+    """rtc_sweep drives any sim env through the same delayed loop (here gym-pusht's)."""
+    import numpy as np
+
+    import sim
+    pytest.importorskip("gym_pusht")
+
+    class Hold:  # heads for the table's centre; a new chunk is 1 px further right each call
+        calls = 0
+
+        def infer_batch(self, observations, noise=None, **rtc):
+            self.calls += 1
+            return np.full((len(observations), 6, 2), 256.0, np.float32) + [self.calls, 0]
+
+    rows = sim.rtc_sweep(Hold(), [0, 2], episodes=2, env_name="pusht", env_kwargs={"max_steps": 8})
+    assert [(r["delay"], r["method"]) for r in rows] == [(0, "naive"), (0, "rtc"), (2, "naive"), (2, "rtc")]
+    assert all(r["mean_length"] == 8 for r in rows) and rows[0]["mean_jump"] == pytest.approx(1.0)
+
+
+def test_the_whole_study_is_one_command(tmp_path, monkeypatch):
+    """sim.py rtc without a checkpoint trains the model plainly and with training-time RTC, then
+    sweeps the three methods into one table, rtc.json and rtc.png; a second run reuses both."""
+    import json
+
+    import sim
+    monkeypatch.chdir(tmp_path)  # the built-in demos land in ./runs/builtin_demos; train.py is found beside sim.py
+    argv = ["rtc", "--out", str(tmp_path / "study"), "--delays", "0", "2", "--episodes", "3", "--steps", "2",
+            "--chunk", "6", "--train-args", "--demo-episodes 12 --batch-size 4 --warmup 1"]
+    sim.main(argv)
+    result = json.loads((tmp_path / "study" / "rtc.json").read_text())
+    assert [(r["delay"], r["method"]) for r in result["rows"]] == [
+        (0, "naive"), (0, "rtc"), (2, "naive"), (2, "rtc"), (0, "trained"), (2, "trained")]
+    policy = json.loads((tmp_path / "study" / "trained" / "final" / "policy.json").read_text())
+    assert policy["rtc_max_delay"] == 2 and (tmp_path / "study" / "rtc.png").exists()
+    assert json.loads((tmp_path / "study" / "plain" / "final" / "policy.json").read_text())["rtc_max_delay"] == 0
+    stamp = (tmp_path / "study" / "plain" / "final" / "model.safetensors").stat().st_mtime_ns
+    sim.main(argv)  # resumes: nothing retrained
+    assert (tmp_path / "study" / "plain" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
 def test_policy_guidance_is_normalized_and_spares_padded_dims(tmp_path):
     """Policy turns the previous chunk (robot units) into the model's space: leftover prev[s:],
     normalized with the checkpoint's stats, zero weight on the padded dims and past the overlap."""
