@@ -463,7 +463,8 @@ def add_demo_args(p):
     p.add_argument("--out", default="runs/recap", help="the experiment's folder")
     p.add_argument("--model", default="pi0", choices=["pi0", "pi05"])
     p.add_argument("--episodes", type=int, default=2000, help="demonstrations, expert and degraded")
-    p.add_argument("--degraded", type=float, default=0.6, help="share of episodes by the degraded demonstrator")
+    p.add_argument("--degraded", type=float, default=0.4,
+                   help="share of episodes by the degraded demonstrator (0.6 leaves fewer expert frames than the 30%% positive share)")
     p.add_argument("--steps", type=int, default=3000, help="policy training steps (imitation and RECAP alike)")
     p.add_argument("--value-steps", type=int, default=2500)
     p.add_argument("--label-sigma", type=float, default=0.05,
