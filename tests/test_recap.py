@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +208,22 @@ def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_pa
     a1 = policy.infer_batch([obs], noise)
     a3 = Policy(tmp_path / "run" / "final", cfg_beta=3.0).infer_batch([obs], noise)
     assert a1.shape == a3.shape == (1, policy.model.cfg.action_horizon, 2) and np.abs(a1 - a3).max() > 0
+
+
+def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
+    """recap.py demo at toy sizes: mixed demos, imitation, value, advantages, RECAP, CFG, own
+    rollouts, a second iteration; the table, recap.json (with V's separation) and value.png."""
+    out = tmp_path / "recap"
+    res = subprocess.run([sys.executable, "recap.py", "demo", "--out", str(out), "--episodes", "16", "--steps", "2",
+                          "--value-steps", "2", "--rollouts", "4", "--finetune-steps", "2", "--eval-episodes", "4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "recap.json").read_text())
+    assert list(result["rows"]) == ["imitation (same data, same steps)", "RECAP, beta = 1", "RECAP, CFG beta = 2",
+                                    "RECAP, one more iteration (own rollouts), beta = 1"]
+    assert all(r["episodes"] == 4 for r in result["rows"].values())
+    assert set(result["value"]) == {"success", "failure", "last_frame_auc"}
+    assert (out / "value.png").exists() and sum(line.startswith("| ") for line in (out / "recap.md").read_text().splitlines()) == 5
+    for d in ("data", "rollouts1"):  # advantages beside each dataset, the data untouched
+        assert Path(recap.sidecar_path(out / d)).exists()
+    assert len(list((out / "rollouts1").glob("episode_*.hdf5"))) == 4
