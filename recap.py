@@ -491,16 +491,16 @@ def cmd_demo(args):
         sim.train_tokenizer(demos / "tokenizer.model", extra=[f"\nAdvantage: {w}" for w in ("positive", "negative")]
                             + [f";\nAdvantage: {w};\nAction: " for w in ("positive", "negative")])
         print(f"demos: {args.episodes} episodes, {ok} successful ({args.degraded:.0%} by a degraded demonstrator)")
-    rows = {}
+    rows, demo_ds = {}, data.open_dataset(demos, chunk_size=1)
     imitation = train_policy(out / "imitation", [demos], args, "--steps", args.steps)
     rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
     # the value function starts from the imitation policy's SigLIP + PaliGemma (pi*0.6 starts from a pretrained VLM)
-    value1 = train_value([data.open_dataset(demos, 1)], out / "value1", steps=args.value_steps, seed=args.seed,
+    value1 = train_value([demo_ds], out / "value1", steps=args.value_steps, seed=args.seed,
                          backbone=imitation, label_sigma=args.label_sigma)
-    (table,) = compute_advantages(value1, [data.open_dataset(demos, 1)], args.n_steps)
+    (table,) = compute_advantages(value1, [demo_ds], args.n_steps)
     write_advantages(sidecar_path(demos), table)
-    plot_values([table], [data.open_dataset(demos, 1)], out / "value.png")
-    separation = value_separation([table], [data.open_dataset(demos, 1)])
+    plot_values([table], [demo_ds], out / "value.png")
+    separation = value_separation([table], [demo_ds])
     print("value function: mean V over successful / failed episodes {:.3f} / {:.3f}; first frames {:.3f} / {:.3f}; "
           "last frames {:.3f} / {:.3f} (AUC {:.2f})".format(*(separation[k][w] for w in ("all", "first", "last")
                                                             for k in ("success", "failure")), separation["last_frame_auc"]))
@@ -510,7 +510,7 @@ def cmd_demo(args):
     rollouts = out / "rollouts1"
     r = sim.record_rollouts(Policy(recap1), rollouts, args.rollouts, seed=500_000, progress=False)
     print(f"rollouts of the RECAP policy: {r['successes']}/{r['episodes']} successful")
-    both = [data.open_dataset(demos, 1), data.open_dataset(rollouts, 1)]
+    both = [demo_ds, data.open_dataset(rollouts, chunk_size=1)]
     value2 = train_value(both, out / "value2", steps=args.value_steps // 2, seed=args.seed + 1, init=out / "value1",
                          tokenizer=demos / "tokenizer.model", norm_stats=demos / "norm_stats.json",
                          label_sigma=args.label_sigma)
