@@ -24,6 +24,8 @@ Physical Intelligence's recipe (arXiv 2511.14759), one section per step, top to 
 
     python recap.py value --data D [D ...] --out V [--init V0]     # 2: train a value function
     python recap.py advantages --value V --data D [D ...]          # 3: <D>.advantages.json
+    # cross-fitted (what the demo does): value --fold 0 2 --out V0, value --fold 1 2 --out V1,
+    # then advantages --value V0 V1: each episode valued by the function that never saw it
     python train.py --model pi0 --data D [D ...] --recap 1         # 4: the conditioned policy
     python sim.py collect --checkpoint P --episodes N --out D      # 5: rollouts with success labels
     python recap.py demo --out runs/recap                          # all of it, with the table
@@ -231,12 +233,6 @@ def load_value(path):
     return model.eval()
 
 
-def batches_of(ds, transforms, rows, batch_size):
-    for start in range(0, len(rows), batch_size):
-        part = rows[start:start + batch_size]
-        yield part, data.collate([transforms(ds[int(i)]) for i in part])
-
-
 def backbone_from_policy(model, checkpoint):
     """Start a value function from a policy checkpoint's vision-language backbone (SigLIP, the
     PaliGemma expert, the token embedding): it already grounds the prompt's words in the image,
@@ -254,10 +250,11 @@ def backbone_from_policy(model, checkpoint):
 
 
 def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=None, c_fail_factor=1.0,
-                tokenizer=None, norm_stats=None, log_every=100, backbone=None, label_sigma=0.0):
+                tokenizer=None, norm_stats=None, log_every=100, backbone=None, label_sigma=0.0, fold=None):
     """Fit a value function to the return bins of every frame of `datasets` (opened readers.py
     datasets); the first one's tokenizer and norm stats unless given. Saves it to `out`.
-    init: a value function to continue; backbone: a policy checkpoint to start the backbone from."""
+    init: a value function to continue; backbone: a policy checkpoint to start the backbone from.
+    fold (k, K): cross-fitting; the episodes j with j % K == k are held out (see compute_advantages)."""
     roots = [Path(ds.files[0]).parent if hasattr(ds, "files") else Path(ds.root) for ds in datasets]
     # a backbone's token embedding belongs to its tokenizer
     tokenizer = tokenizer or (Path(backbone) / "tokenizer.model" if backbone else roots[0] / "tokenizer.model")
@@ -275,7 +272,10 @@ def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=
     cfg = model.cfg
     transforms = [value_transforms(cfg, ds, sp, norm_stats) for ds in datasets]
     returns = [np.concatenate([g for _, g in episode_returns(ds, c_fail_factor)]) for ds in datasets]
-    sizes = np.array([len(ds) for ds in datasets])
+    # the frames it learns from: all, or those of the episodes outside the held-out fold
+    frames = [np.concatenate([np.arange(s, e) for j, (s, e) in enumerate(zip(ds.ep_start, ds.ep_end))
+                              if fold is None or j % fold[1] != fold[0]]) for ds in datasets]
+    sizes = np.array([len(f) for f in frames])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-10)
     rng, t0, losses = np.random.default_rng(seed), time.perf_counter(), []
     for step in range(steps):
@@ -283,7 +283,7 @@ def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=
         for g in opt.param_groups:  # warm-up, then cosine to a tenth
             g["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         which = rng.choice(len(datasets), batch_size, p=sizes / sizes.sum())
-        rows = [int(rng.integers(sizes[d])) for d in which]
+        rows = [int(frames[d][rng.integers(sizes[d])]) for d in which]
         batch = data.collate([transforms[d](datasets[d][i]) for d, i in zip(which, rows)])
         g = np.array([returns[d][i] for d, i in zip(which, rows)])
         logits = model(batch)
@@ -314,14 +314,17 @@ def sidecar_path(dataset_path):
 
 
 @torch.no_grad()
-def frame_values(value_fn, ds, batch_size=256):
-    """V of every frame of a dataset, (N,), with the value function's own tokenizer and stats."""
+def frame_values(value_fn, ds, rows=None, batch_size=256):
+    """V of the frames `rows` of a dataset (default: all), (len(rows),), with the value function's
+    own tokenizer and stats."""
     root = value_fn.path
     sp = models.load_sentencepiece(os.path.join(root, "tokenizer.model"))
     transforms = value_transforms(value_fn.cfg, ds, sp, os.path.join(root, "norm_stats.json"))
-    out = np.zeros(len(ds), np.float32)
-    for rows, batch in batches_of(ds, transforms, np.arange(len(ds)), batch_size):
-        out[rows] = value_fn.value(batch).numpy()
+    rows = np.arange(len(ds)) if rows is None else np.asarray(rows)
+    out = np.zeros(len(rows), np.float32)
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
+        out[start:start + len(part)] = value_fn.value(data.collate([transforms(ds[int(i)]) for i in part])).numpy()
     return out
 
 
@@ -334,12 +337,28 @@ def n_step_advantages(rewards, values, n):
     return window + padded_v[n:n + T] - values
 
 
+def cross_fitted_values(value_fns, ds):
+    """V of every frame, episode j's frames from value_fns[j % K], the one that never saw it.
+
+    Why: a value function evaluated on the episodes it was trained on returns their realized
+    return (it memorizes the layouts), and with the realized return every N-step advantage is
+    ~0, so the threshold ranks noise. Held out, V is the expected return of such a scene, and
+    A_t measures how much better than expected the frames went."""
+    K, out = len(value_fns), np.zeros(len(ds), np.float32)
+    for k, fn in enumerate(value_fns):
+        rows = np.concatenate([np.arange(s, e) for j, (s, e) in enumerate(zip(ds.ep_start, ds.ep_end)) if j % K == k])
+        out[rows] = frame_values(fn, ds, rows)
+    return out
+
+
 def compute_advantages(value_fn, datasets, n_steps=10, positive_fraction=0.3, c_fail_factor=1.0):
     """-> per dataset {"episodes": {key: {"advantage", "positive"}}, "thresholds": {task: eps}};
-    thresholds per task over all datasets together."""
+    thresholds per task over all datasets together. value_fn: one value function, or a list of
+    K cross-fitted ones (train_value(fold=(k, K)))."""
+    value_fns = value_fn if isinstance(value_fn, (list, tuple)) else [value_fn]
     per_ds = []
     for ds in datasets:
-        values = frame_values(value_fn, ds)
+        values = cross_fitted_values(value_fns, ds)
         rewards = episode_returns(ds, c_fail_factor)
         _, correction = episode_labels(ds)
         adv = [n_step_advantages(r, values[s:e], n_steps) for (r, _), s, e in zip(rewards, ds.ep_start, ds.ep_end)]
@@ -477,6 +496,8 @@ def add_demo_args(p):
     p.add_argument("--eval-episodes", type=int, default=300)
     p.add_argument("--cfg-beta", type=float, default=2.0, help="classifier-free guidance weight of the CFG row")
     p.add_argument("--n-steps", type=int, default=10, help="N of the N-step advantage")
+    p.add_argument("--cross-fit", type=int, default=2,
+                   help="K value functions, each held out from a K-th of the episodes, which it then values (1: one, in-sample)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -498,8 +519,10 @@ def cmd_demo(args):
     imitation = train_policy(out / "imitation", [demos], args, "--steps", args.steps)
     rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
     # the value function starts from the imitation policy's SigLIP + PaliGemma (pi*0.6 starts from a pretrained VLM)
-    value1 = train_value([demo_ds], out / "value1", steps=args.value_steps, seed=args.seed,
-                         backbone=imitation, label_sigma=args.label_sigma)
+    K = args.cross_fit
+    fold = lambda k: (k, K) if K > 1 else None
+    value1 = [train_value([demo_ds], out / f"value1_fold{k}", steps=args.value_steps, seed=args.seed + k,
+                          backbone=imitation, label_sigma=args.label_sigma, fold=fold(k)) for k in range(K)]
     (table,) = compute_advantages(value1, [demo_ds], args.n_steps)
     write_advantages(sidecar_path(demos), table)
     plot_values([table], [demo_ds], out / "value.png")
@@ -514,9 +537,10 @@ def cmd_demo(args):
     r = sim.record_rollouts(Policy(recap1), rollouts, args.rollouts, seed=500_000, progress=False)
     print(f"rollouts of the RECAP policy: {r['successes']}/{r['episodes']} successful")
     both = [demo_ds, data.open_dataset(rollouts, chunk_size=1)]
-    value2 = train_value(both, out / "value2", steps=args.value_steps // 2, seed=args.seed + 1, init=out / "value1",
-                         tokenizer=demos / "tokenizer.model", norm_stats=demos / "norm_stats.json",
-                         label_sigma=args.label_sigma)
+    value2 = [train_value(both, out / f"value2_fold{k}", steps=args.value_steps // 2, seed=args.seed + K + k,
+                          init=out / f"value1_fold{k}", tokenizer=demos / "tokenizer.model",
+                          norm_stats=demos / "norm_stats.json", label_sigma=args.label_sigma, fold=fold(k))
+              for k in range(K)]
     for path, t in zip([demos, rollouts], compute_advantages(value2, both, args.n_steps)):
         write_advantages(sidecar_path(path), t)
     recap2 = train_policy(out / "recap2", [demos, rollouts], args, "--steps", args.finetune_steps, "--recap", 1,
@@ -535,12 +559,12 @@ def cmd_demo(args):
 
 def cmd_value(args):
     train_value(open_datasets(args.data), args.out, args.steps, args.batch_size, args.lr, args.seed, args.init,
-                args.c_fail, backbone=args.backbone, label_sigma=args.label_sigma)
+                args.c_fail, backbone=args.backbone, label_sigma=args.label_sigma,
+                fold=tuple(args.fold) if args.fold else None)
 
 
 def cmd_advantages(args):
-    value_fn = load_value(args.value)
-    value_fn.path = args.value
+    value_fn = [load_value(v) for v in args.value]
     datasets = open_datasets(args.data)
     for path, ds, table in zip(args.data, datasets, compute_advantages(value_fn, datasets, args.n_steps,
                                                                        args.positive_fraction, args.c_fail)):
@@ -562,10 +586,13 @@ def main(argv=None):
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--fold", type=int, nargs=2, metavar=("k", "K"), default=None,
+                   help="cross-fitting: hold out the episodes j with j %% K == k (value them with this one)")
     v.add_argument("--label-sigma", type=float, default=0.0,
                    help="HL-Gauss targets: spread each return over the bins with this std (0: the paper's one-hot bin)")
     a = sub.add_parser("advantages", help="N-step advantages and indicators -> <dataset>.advantages.json")
-    a.add_argument("--value", required=True, help="a value function (recap.py value)")
+    a.add_argument("--value", nargs="+", required=True,
+                   help="a value function (recap.py value), or K cross-fitted ones (value --fold k K, k = 0..K-1, in order)")
     a.add_argument("--data", nargs="+", required=True)
     a.add_argument("--n-steps", type=int, default=10, help="N of the N-step advantage")
     a.add_argument("--positive-fraction", type=float, default=0.3, help="share of each task's frames that are positive")
