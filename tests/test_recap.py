@@ -182,6 +182,46 @@ def test_sidecar_round_trips_and_a_missing_one_is_a_clear_error(tmp_path):
         recap.read_advantages(path, ds)
 
 
+class Recording(data.DatasetView):
+    def __init__(self, dataset):
+        super().__init__(dataset)
+        self.seen = set()
+
+    def __getitem__(self, i):
+        self.seen.add(int(i))
+        return self.dataset[i]
+
+
+def test_cross_fitting_values_each_episode_with_the_function_that_never_saw_it(tmp_path):
+    import models
+    import sim
+    ds = write_labelled(tmp_path / "d", [(4, True), (5, False), (3, True), (6, False), (2, True)])
+    sim.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
+    stats, tok = tmp_path / "d" / "norm_stats.json", tmp_path / "tok.model"
+    # fold 0 of 2 holds out episodes 0, 2, 4: training draws only frames of episodes 1 and 3
+    seen = Recording(ds)
+    recap.train_value([seen], tmp_path / "f0", steps=3, batch_size=16, tokenizer=tok, norm_stats=stats, fold=(0, 2))
+    kept = set(range(ds.ep_start[1], ds.ep_end[1])) | set(range(ds.ep_start[3], ds.ep_end[3]))
+    assert seen.seen and seen.seen <= kept
+    fns = []
+    for k in range(2):
+        vf = tiny_value(vocab_size=512, max_token_len=32)
+        with torch.no_grad():  # tiny_value seeds itself: make the second function another one
+            for p in vf.parameters():
+                p.add_(k * 0.05 * torch.randn_like(p))
+        models.save_pretrained(vf, tmp_path / f"v{k}", norm_stats=data.load_norm_stats(stats),
+                               extra_files=[(str(tok), "tokenizer.model")])
+        fns.append(recap.load_value(tmp_path / f"v{k}"))
+    by_fn = [recap.frame_values(fn, ds) for fn in fns]
+    assert not np.allclose(by_fn[0], by_fn[1])  # two different functions, so the test can tell them apart
+    crossed = recap.cross_fitted_values(fns, ds)
+    for j, (s, e) in enumerate(zip(ds.ep_start, ds.ep_end)):
+        np.testing.assert_allclose(crossed[s:e], by_fn[j % 2][s:e], atol=1e-6)  # batches differ: float order
+    np.testing.assert_allclose(recap.frame_values(fns[1], ds, rows=[5, 2]), by_fn[1][[5, 2]], atol=1e-6)
+    (table,) = recap.compute_advantages(fns, [ds], n_steps=2)
+    np.testing.assert_allclose(table["episodes"]["1"]["value"], by_fn[1][ds.ep_start[1]:ds.ep_end[1]], atol=2e-6)
+
+
 @pytest.mark.parametrize("model", ["pi0", "pi05"])
 def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_path):
     import sim
