@@ -24,7 +24,7 @@ Physical Intelligence's recipe (arXiv 2511.14759), one section per step, top to 
 
     python recap.py value --data D [D ...] --out V [--init V0]     # 2: train a value function
     python recap.py advantages --value V --data D [D ...]          # 3: <D>.advantages.json
-    # cross-fitted (what the demo does): value --fold 0 2 --out V0, value --fold 1 2 --out V1,
+    # cross-fitted (demo --cross-fit 2): value --fold 0 2 --out V0, value --fold 1 2 --out V1,
     # then advantages --value V0 V1: each episode valued by the function that never saw it
     python train.py --model pi0 --data D [D ...] --recap 1         # 4: the conditioned policy
     python sim.py collect --checkpoint P --episodes N --out D      # 5: rollouts with success labels
@@ -233,6 +233,14 @@ def load_value(path):
     return model.eval()
 
 
+def fold_rows(ds, k, K, held_out):
+    """Frame rows of the episodes j with j % K == k (held_out) or != k (the rest): cross-fitting."""
+    if not (K >= 1 and 0 <= k < K):
+        raise ValueError(f"fold ({k}, {K}): expected 0 <= k < K")
+    return np.concatenate([np.arange(s, e) for j, (s, e) in enumerate(zip(ds.ep_start, ds.ep_end))
+                           if (j % K == k) == held_out] or [np.zeros(0, np.int64)])
+
+
 def backbone_from_policy(model, checkpoint):
     """Start a value function from a policy checkpoint's vision-language backbone (SigLIP, the
     PaliGemma expert, the token embedding): it already grounds the prompt's words in the image,
@@ -273,8 +281,7 @@ def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=
     transforms = [value_transforms(cfg, ds, sp, norm_stats) for ds in datasets]
     returns = [np.concatenate([g for _, g in episode_returns(ds, c_fail_factor)]) for ds in datasets]
     # the frames it learns from: all, or those of the episodes outside the held-out fold
-    frames = [np.concatenate([np.arange(s, e) for j, (s, e) in enumerate(zip(ds.ep_start, ds.ep_end))
-                              if fold is None or j % fold[1] != fold[0]]) for ds in datasets]
+    frames = [np.arange(len(ds)) if fold is None else fold_rows(ds, *fold, held_out=False) for ds in datasets]
     sizes = np.array([len(f) for f in frames])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-10)
     rng, t0, losses = np.random.default_rng(seed), time.perf_counter(), []
@@ -344,9 +351,9 @@ def cross_fitted_values(value_fns, ds):
     return (it memorizes the layouts), and with the realized return every N-step advantage is
     ~0, so the threshold ranks noise. Held out, V is the expected return of such a scene, and
     A_t measures how much better than expected the frames went."""
-    K, out = len(value_fns), np.zeros(len(ds), np.float32)
+    out = np.zeros(len(ds), np.float32)
     for k, fn in enumerate(value_fns):
-        rows = np.concatenate([np.arange(s, e) for j, (s, e) in enumerate(zip(ds.ep_start, ds.ep_end)) if j % K == k])
+        rows = fold_rows(ds, k, len(value_fns), held_out=True)
         out[rows] = frame_values(fn, ds, rows)
     return out
 
@@ -507,6 +514,8 @@ def cmd_demo(args):
     policy's own rollouts. Prints the table; writes recap.json, recap.md and value.png."""
     import sim
     from policy import Policy
+    if args.cross_fit < 1:  # before an hour of training, not after
+        raise ValueError(f"--cross-fit {args.cross_fit}: expected K >= 1 value functions")
     t_start, out = time.perf_counter(), Path(args.out)
     demos = out / "data"
     if not (demos / "tokenizer.model").exists():

@@ -218,6 +218,8 @@ def test_cross_fitting_values_each_episode_with_the_function_that_never_saw_it(t
     for j, (s, e) in enumerate(zip(ds.ep_start, ds.ep_end)):
         np.testing.assert_allclose(crossed[s:e], by_fn[j % 2][s:e], atol=1e-6)  # batches differ: float order
     np.testing.assert_allclose(recap.frame_values(fns[1], ds, rows=[5, 2]), by_fn[1][[5, 2]], atol=1e-6)
+    with pytest.raises(ValueError, match="expected 0 <= k < K"):
+        recap.fold_rows(ds, 2, 2, held_out=True)
     (table,) = recap.compute_advantages(fns, [ds], n_steps=2)
     np.testing.assert_allclose(table["episodes"]["1"]["value"], by_fn[1][ds.ep_start[1]:ds.ep_end[1]], atol=2e-6)
 
