@@ -167,6 +167,7 @@ class ValueConfig:
     max_token_len: int = 32
     cameras: tuple = ("top",)
     bins: int = BINS
+    time_input: bool = False  # the frame's time step in the prompt (value_transforms)
     model: str = "value"
 
     def to_dict(self):
@@ -216,11 +217,23 @@ class ValueFunction(nn.Module):
 
 
 def value_transforms(cfg, ds, sp, stats):
-    """data.Transforms for the value function: pi0.5's prompt (state as text), quantile stats."""
+    """Sample -> the value function's inputs: pi0.5's prompt (state as text), quantile stats; with
+    cfg.time_input the task text ends in ", Step: {frame index}".
+
+    Why the time: an episode that fails fails at the time limit, so the return of a frame where
+    the robot has already gone wrong (parked at the wrong object) rises with every step that
+    brings the limit nearer, while its images stay the same. A value function that cannot see
+    the time predicts their average, and the frames shortly before the limit come out better
+    than expected: on the built-in task those failures filled about half of the positive share
+    (README: RECAP). Time-limited tasks need a time-aware value (Pardo et al. 2018, "Time Limits
+    in Reinforcement Learning"); pi*0.6's value function reads only images, prompt and state."""
     import pi05
     tokenize = lambda prompt, state, indicator=None: pi05.tokenize_prompt(sp, prompt, state, cfg.max_token_len)
-    return data.Transforms(tokenize=tokenize, cameras=list(ds.cameras), norm_stats=stats, use_quantiles=True,
-                           state_dim=None, action_dim=None, image_size=cfg.vision.image_size)
+    transforms = data.Transforms(tokenize=tokenize, cameras=list(ds.cameras), norm_stats=stats, use_quantiles=True,
+                                 state_dim=None, action_dim=None, image_size=cfg.vision.image_size)
+    if not cfg.time_input:
+        return transforms
+    return lambda s: transforms(dict(s, prompt=f"{s['prompt']}, Step: {int(s['frame_index'])}"))
 
 
 def load_value(path):
@@ -258,11 +271,14 @@ def backbone_from_policy(model, checkpoint):
 
 
 def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=None, c_fail_factor=1.0,
-                tokenizer=None, norm_stats=None, log_every=100, backbone=None, label_sigma=0.0, fold=None):
+                tokenizer=None, norm_stats=None, log_every=100, backbone=None, label_sigma=0.0, fold=None,
+                time_input=None):
     """Fit a value function to the return bins of every frame of `datasets` (opened readers.py
     datasets); the first one's tokenizer and norm stats unless given. Saves it to `out`.
     init: a value function to continue; backbone: a policy checkpoint to start the backbone from.
-    fold (k, K): cross-fitting; the episodes j with j % K == k are held out (see compute_advantages)."""
+    fold (k, K): cross-fitting; the episodes j with j % K == k are held out (see compute_advantages).
+    time_input: the frame's time step in the prompt (value_transforms); None: the init's own, or
+    False (pi*0.6's inputs) for a new one."""
     roots = [Path(ds.files[0]).parent if hasattr(ds, "files") else Path(ds.root) for ds in datasets]
     # a backbone's token embedding belongs to its tokenizer
     tokenizer = tokenizer or (Path(backbone) / "tokenizer.model" if backbone else roots[0] / "tokenizer.model")
@@ -271,10 +287,13 @@ def train_value(datasets, out, steps=2000, batch_size=32, lr=1e-3, seed=0, init=
     torch.manual_seed(seed)
     if init:
         model = load_value(init).train()
+        if time_input is not None and time_input != model.cfg.time_input:
+            raise ValueError(f"{init}: a value function with time_input={model.cfg.time_input}, asked to continue "
+                             f"with time_input={time_input}; its inputs cannot change")
     else:
         ds0 = datasets[0]
         vocab = models.read_config(backbone).vocab_size if backbone else max(1024, sp.vocab_size())
-        model = ValueFunction(ValueConfig(vocab_size=vocab, cameras=tuple(ds0.cameras)))
+        model = ValueFunction(ValueConfig(vocab_size=vocab, cameras=tuple(ds0.cameras), time_input=bool(time_input)))
         if backbone:
             print(f"value function: {backbone_from_policy(model, backbone)} tensors from {backbone}'s backbone")
     cfg = model.cfg
@@ -497,6 +516,9 @@ def add_demo_args(p):
     p.add_argument("--value-steps", type=int, default=2500)
     p.add_argument("--label-sigma", type=float, default=0.05,
                    help="the value function's HL-Gauss target spread (0: the paper's one-hot bin; see README)")
+    p.add_argument("--value-time", type=int, default=1, choices=(0, 1),
+                   help="the value function sees each frame's time step (0: pi*0.6's inputs, whose value cannot tell "
+                        "a failure near the time limit from one far from it; see README)")
     p.add_argument("--rollouts", type=int, default=1000, help="iteration 2: the RECAP policy's own episodes")
     p.add_argument("--finetune-steps", type=int, default=4000, help="iteration 2: policy fine-tuning steps")
     p.add_argument("--finetune-lr", type=float, default=3e-4, help="iteration 2: peak learning rate (no warm-up)")
@@ -532,7 +554,8 @@ def cmd_demo(args):
     K = args.cross_fit
     fold = lambda k: (k, K) if K > 1 else None
     value1 = [train_value([demo_ds], out / f"value1_fold{k}", steps=args.value_steps, seed=args.seed + k,
-                          backbone=imitation, label_sigma=args.label_sigma, fold=fold(k)) for k in range(K)]
+                          backbone=imitation, label_sigma=args.label_sigma, fold=fold(k),
+                          time_input=bool(args.value_time)) for k in range(K)]
     (table,) = compute_advantages(value1, [demo_ds], args.n_steps)
     write_advantages(sidecar_path(demos), table)
     plot_values([table], [demo_ds], out / "value.png")
@@ -549,7 +572,8 @@ def cmd_demo(args):
     both = [demo_ds, data.open_dataset(rollouts, chunk_size=1)]
     value2 = [train_value(both, out / f"value2_fold{k}", steps=args.value_steps // 2, seed=args.seed + K + k,
                           init=out / f"value1_fold{k}", tokenizer=demos / "tokenizer.model",
-                          norm_stats=demos / "norm_stats.json", label_sigma=args.label_sigma, fold=fold(k))
+                          norm_stats=demos / "norm_stats.json", label_sigma=args.label_sigma, fold=fold(k),
+                          time_input=bool(args.value_time))
               for k in range(K)]
     for path, t in zip([demos, rollouts], compute_advantages(value2, both, args.n_steps)):
         write_advantages(sidecar_path(path), t)
@@ -570,7 +594,8 @@ def cmd_demo(args):
 def cmd_value(args):
     train_value(open_datasets(args.data), args.out, args.steps, args.batch_size, args.lr, args.seed, args.init,
                 args.c_fail, backbone=args.backbone, label_sigma=args.label_sigma,
-                fold=tuple(args.fold) if args.fold else None)
+                fold=tuple(args.fold) if args.fold else None,
+                time_input=None if args.time_input is None else bool(args.time_input))
 
 
 def cmd_advantages(args):
@@ -598,6 +623,9 @@ def main(argv=None):
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--fold", type=int, nargs=2, metavar=("k", "K"), default=None,
                    help="cross-fitting: hold out the episodes j with j %% K == k (value them with this one)")
+    v.add_argument("--time-input", type=int, default=None, choices=(0, 1),
+                   help="the frame's time step in the prompt (default: --init's own, else 0, pi*0.6's inputs); "
+                        "for tasks whose failures end at a time limit (README: RECAP)")
     v.add_argument("--label-sigma", type=float, default=0.0,
                    help="HL-Gauss targets: spread each return over the bins with this std (0: the paper's one-hot bin)")
     a = sub.add_parser("advantages", help="N-step advantages and indicators -> <dataset>.advantages.json")
