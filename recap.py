@@ -9,6 +9,8 @@ Physical Intelligence's recipe (arXiv 2511.14759), one section per step, top to 
      images and pi0.5's prompt with the state as text), plus a learned readout token that starts
      its own attention block (it sees everything, nothing sees it); a head reads 201 bins of the
      normalized return; cross-entropy against the return's bin; the value is the expectation.
+     Optionally (time_input, the demo's default) it also reads the frame's time step: a failure
+     that ends at a time limit is worth more the nearer the limit, which images cannot show.
   3. Advantages: A_t = (the N rewards after t) + V(o_{t+N}) - V(o_t), normalized like the
      returns (V = 0 past the episode's end). A frame is "positive" when A_t is above its task's
      threshold, the percentile that makes ~30% of the task's frames positive; frames of human

@@ -224,6 +224,48 @@ def test_cross_fitting_values_each_episode_with_the_function_that_never_saw_it(t
     np.testing.assert_allclose(table["episodes"]["1"]["value"], by_fn[1][ds.ep_start[1]:ds.ep_end[1]], atol=2e-6)
 
 
+def test_a_value_blind_to_time_rates_a_failure_near_the_time_limit_as_better_than_expected():
+    # a failed episode of 8 steps (C_fail 8, norm 16) whose robot parks at the wrong object from
+    # step 3 on: frames 3..7 look the same, their returns do not
+    r = recap.episode_rewards(8, False, 8.0) / 16
+    g = recap.normalized_returns(recap.episode_rewards(8, False, 8.0), 16)
+    blind = g.copy()
+    blind[3:] = g[3:].mean()  # the best a value that cannot see the time can do on the parked frames
+    a_blind, a_timed = recap.n_step_advantages(r, blind, 2), recap.n_step_advantages(r, g, 2)
+    np.testing.assert_allclose(a_timed, 0, atol=1e-12)  # the exact value: nothing better than expected
+    assert a_blind[-1] > 0.1 and a_blind[-2] > 0.05  # the last frames look better than expected
+
+
+def test_time_aware_value_reads_the_frame_time_and_keeps_its_inputs(tmp_path):
+    import dataclasses
+
+    import models
+    import sim
+    ds = write_labelled(tmp_path / "d", [(6, True), (6, False)])
+    sp = sim.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
+    stats = tmp_path / "d" / "norm_stats.json"
+    vf = tiny_value(vocab_size=512, max_token_len=32)
+    s = ds[2]
+    later = dict(s, frame_index=s["frame_index"] + 7)  # the same images, state and prompt, 7 steps later
+    blind = recap.value_transforms(vf.cfg, ds, sp, stats)
+    assert np.array_equal(blind(s)["tokens"], blind(later)["tokens"])
+    timed_cfg = dataclasses.replace(vf.cfg, time_input=True)
+    timed = recap.value_transforms(timed_cfg, ds, sp, stats)
+    x, y = timed(s), timed(later)
+    assert f", Step: {s['frame_index']}," in sp.decode(np.asarray(x["tokens"])[np.asarray(x["token_masks"])].tolist())
+    assert f", Step: {s['frame_index'] + 7}," in sp.decode(np.asarray(y["tokens"])[np.asarray(y["token_masks"])].tolist())
+    vf.cfg = timed_cfg
+    with torch.no_grad():
+        v = vf.value(data.collate([x, y]))
+    assert abs(v[0] - v[1]) > 1e-6  # the value changes with the time alone
+    models.save_pretrained(vf, tmp_path / "v", norm_stats=data.load_norm_stats(stats),
+                           extra_files=[(str(tmp_path / "tok.model"), "tokenizer.model")])
+    assert recap.load_value(tmp_path / "v").cfg.time_input  # the flag travels with the function
+    with pytest.raises(ValueError, match="its inputs cannot change"):
+        recap.train_value([ds], tmp_path / "w", steps=1, init=tmp_path / "v", time_input=False,
+                          tokenizer=tmp_path / "tok.model")
+
+
 @pytest.mark.parametrize("model", ["pi0", "pi05"])
 def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_path):
     import sim
