@@ -596,8 +596,7 @@ def cmd_demo(args):
 def cmd_value(args):
     train_value(open_datasets(args.data), args.out, args.steps, args.batch_size, args.lr, args.seed, args.init,
                 args.c_fail, backbone=args.backbone, label_sigma=args.label_sigma,
-                fold=tuple(args.fold) if args.fold else None,
-                time_input=None if args.time_input is None else bool(args.time_input))
+                fold=tuple(args.fold) if args.fold else None, time_input=args.time_input)
 
 
 def cmd_advantages(args):
