@@ -295,10 +295,10 @@ class FASTTokenizer:
 
     @classmethod
     def load(cls, path):
-        """Read our JSON file, or an HF FAST processor's directory (`physical-intelligence/fast`)."""
+        """Read our JSON file (an HF FAST processor's directory, `physical-intelligence/fast`, is
+        read by fast_universal.load; fast_universal.load_tokenizer takes either)."""
         if os.path.isdir(path):
-            import fast_universal  # here, not at the top: fast_universal imports this file
-            return fast_universal.load(path, cls)
+            raise ValueError(f"{path} is a directory: an HF FAST tokenizer is read with fast_universal.load")
         with open(path) as f:
             cfg = json.load(f)
         if cfg.get("format") != "fast-tokenizer" or cfg.get("version") != 1:
@@ -318,17 +318,17 @@ class FASTTokenizer:
 # ----------------------------------------------------------------------------------------------
 # FAST ids inside the PaliGemma vocabulary (openpi's pi0-FAST)
 
-PALIGEMMA_VOCAB_SIZE = 257152
 NUM_SKIPPED = 128  # the last 128 Gemma ids (the <seg> tokens) stay free
 
 
-def fast_to_paligemma(ids, fast_vocab_size=2048, vocab_size=PALIGEMMA_VOCAB_SIZE):
-    """FAST id -> PaliGemma id, counting down from the top: 257023 - id in the real vocab.
+def fast_to_paligemma(ids, fast_vocab_size, vocab_size):
+    """FAST id -> PaliGemma id, counting down from the top of the model's vocabulary of
+    vocab_size ids: 257023 - id in PaliGemma's 257152.
 
     FAST ids 0..1023 land on <loc1023>..<loc0000>, the rest on rarely used Gemma pieces. Takes
     ints, lists, numpy arrays or torch tensors (the range check syncs a GPU tensor once).
     """
-    x = ids if hasattr(ids, "shape") else np.asarray(ids)
+    x = np.asarray(ids) if isinstance(ids, (list, tuple, int, np.integer)) else ids  # arrays and tensors as they are
     bad = (x < 0) | (x >= fast_vocab_size)
     if bad.any():
         raise ValueError(f"FAST ids must be in [0, {fast_vocab_size}), got {x[bad].tolist()[:8]}")
@@ -341,7 +341,7 @@ def fast_vocab_room(vocab_size, text_pieces, wanted=1024):
     128 <seg> tokens. When the tokenizer fills the vocabulary (PaliGemma's 257152 pieces end in
     1024 <loc> and 128 <seg> tokens that prompts never use), they take the <loc> tokens, as
     openpi's do; a smaller tokenizer (tests, the built-in task) keeps every one of its pieces."""
-    if text_pieces == vocab_size == PALIGEMMA_VOCAB_SIZE:  # PaliGemma's tokenizer spans the vocabulary
+    if text_pieces >= vocab_size:  # PaliGemma's tokenizer spans the vocabulary
         room = 1024  # the <loc> tokens (openpi's 2048-token universal tokenizer goes further down)
     else:
         room = vocab_size - NUM_SKIPPED - 1 - text_pieces
@@ -351,9 +351,9 @@ def fast_vocab_room(vocab_size, text_pieces, wanted=1024):
     return min(wanted, room)
 
 
-def paligemma_to_fast(pg_ids, fast_vocab_size=2048, vocab_size=PALIGEMMA_VOCAB_SIZE):
+def paligemma_to_fast(pg_ids, fast_vocab_size, vocab_size):
     """Inverse of `fast_to_paligemma`. Raises on a PaliGemma id outside the FAST range."""
-    x = pg_ids if hasattr(pg_ids, "shape") else np.asarray(pg_ids)
+    x = np.asarray(pg_ids) if isinstance(pg_ids, (list, tuple, int, np.integer)) else pg_ids
     top = vocab_size - 1 - NUM_SKIPPED
     bad = (x > top) | (x <= top - fast_vocab_size)
     if bad.any():
@@ -384,24 +384,19 @@ def smooth_chunks(n, chunk=32, action_dim=7, seed=0):
     return (amp * np.sin(2 * np.pi * freq * t + phase)).sum(-1)  # (B, C, A)
 
 
-def _read_chunks(path, chunk, max_chunks, norm_stats=None):
-    """(N, C, A) chunks from a .npy / .npz file, or frames' chunks of a dataset (via readers.py)."""
+def _read_chunks(path, max_chunks, norm_stats=None):
+    """(N, C, A) chunks from a .npy / .npz file (a robot dataset: `python data.py fast DATASET`)."""
+    if not path.endswith((".npy", ".npz")):
+        raise SystemExit(f"--data {path}: expected (N, C, A) chunks in a .npy / .npz file; to fit on a dataset's "
+                         f"actions as the model sees them: python data.py fast {path} --chunk-size C --out fast.json")
     # a random subset keeps fit's memory and time in check; the merges settle long before
     subset = lambda n: np.sort(np.random.default_rng(0).permutation(n)[:max_chunks])
-    if path.endswith((".npy", ".npz")):
-        x = np.load(path)
-        if path.endswith(".npz"):
-            if "actions" not in x and len(x.files) != 1:
-                raise SystemExit(f"{path}: expected an 'actions' array or just one, found {x.files}")
-            x = x["actions" if "actions" in x else x.files[0]]
-        chunks = np.asarray(x, dtype=np.float64)[subset(len(x))]
-    else:
-        try:  # imported here, so that this file can be copied alone into another project
-            import readers
-        except ImportError as e:
-            raise SystemExit(f"--data {path}: not a .npy/.npz of chunks, and no readers.py ({e})")
-        ds = readers.open_dataset(path, chunk_size=chunk)
-        chunks = np.asarray(ds.action_chunks(subset(len(ds)))[0], dtype=np.float64)  # no images
+    x = np.load(path)
+    if path.endswith(".npz"):
+        if "actions" not in x and len(x.files) != 1:
+            raise SystemExit(f"{path}: expected an 'actions' array or just one, found {x.files}")
+        x = x["actions" if "actions" in x else x.files[0]]
+    chunks = np.asarray(x, dtype=np.float64)[subset(len(x))]
     if norm_stats is None:
         return chunks
     # openpi's quantile normalization, which pi0-FAST and pi0.5 apply before FAST
@@ -432,21 +427,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Fit a FAST action tokenizer, or run a demo.")
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="learn a tokenizer from action chunks")
-    fit.add_argument("--data", required=True, help="(N, C, A) chunks as .npy/.npz, or a LeRobot / "
-                     "HDF5 dataset (read with readers.py)")
+    fit.add_argument("--data", required=True, help="(N, C, A) chunks as .npy/.npz (a dataset's own: "
+                     "python data.py fast DATASET)")
     fit.add_argument("--norm-stats", default=None, help="openpi norm_stats.json: quantile-normalize "
                      "the actions as the model will see them (else they are used as they are)")
     fit.add_argument("--out", required=True, help="where to write the tokenizer JSON")
     fit.add_argument("--vocab-size", type=int, default=1024, help="symbols + merges")
     fit.add_argument("--scale", type=float, default=10.0, help="round DCT coefficients to 1/scale")
-    fit.add_argument("--chunk", type=int, default=50, help="chunk length C of a dataset (pi0-FAST: 10)")
     fit.add_argument("--max-chunks", type=int, default=20000, help="fit on a random subset this big")
     demo = sub.add_parser("demo", help="fit on smooth synthetic trajectories and print the figures")
     demo.add_argument("--vocab-size", type=int, default=1024, help="symbols + merges")
     args = parser.parse_args(argv)
 
     if args.command == "fit":
-        chunks = _read_chunks(args.data, args.chunk, args.max_chunks, args.norm_stats)
+        chunks = _read_chunks(args.data, args.max_chunks, args.norm_stats)
     else:
         chunks = smooth_chunks(4000, seed=0)
     t0 = time.perf_counter()

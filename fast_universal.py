@@ -17,7 +17,8 @@ Decoding runs it backwards: the tokens' bytes, read as UTF-8, give one character
 directory (tokenizer.json + processor_config.json) into a FASTTokenizer and refuses any setting
 that would change the ids. The ids are HF's exactly (tests/test_fast_universal.py checks against
 `tokenizers` when it is installed), so openpi checkpoints see the tokens they were trained on,
-and neither `tokenizers` nor `regex` is needed here. `FASTTokenizer.load(directory)` lands here.
+and neither `tokenizers` nor `regex` is needed here. `load_tokenizer(path)` reads either kind of
+FAST tokenizer: an HF directory here, a JSON file of ours with FASTTokenizer.load.
 """
 
 import json
@@ -171,3 +172,11 @@ def load(path, cls=FASTTokenizer):
                min_token=proc["min_token"], time_horizon=proc.get("time_horizon"),
                action_dim=proc.get("action_dim"),
                pretokenizer=ByteLevel(pre.get("use_regex", True)))
+
+
+def load_tokenizer(path):
+    """A FAST tokenizer from either file format: an HF directory (`physical-intelligence/fast`,
+    openpi's universal tokenizer) or a JSON file written by FASTTokenizer.save."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no FAST tokenizer there (an HF directory or a fast-tokenizer JSON file)")
+    return load(path) if os.path.isdir(path) else FASTTokenizer.load(path)

@@ -1,10 +1,12 @@
-"""Speed: the KV-cached, compiled sampler of pi0 / pi0.5, and the benchmark that measures it.
+"""Speed: the compiled sampler of pi0 / pi0.5, and the benchmark that measures it.
 
-Speed lives here, not in the model files (gpt-fast's model.py vs generate.py): `FastSampler` is
-pi0.py's `sample_actions` run through the model's own layers with a static KV cache, the time
-conditioning precomputed for the fixed Euler times, no host sync in the loop, optional
-torch.compile and (CUDA only) one CUDA graph over the whole denoising loop.
-tests/test_infer.py checks it against the readable sampler to 1e-5. policy.py serves it.
+Speed lives here, not in the model files (gpt-fast's model.py vs generate.py). `CompiledSampler`
+is the model's own `sample_actions`, with three things added and nothing else: a static KV cache
+(allocated once per batch shape, written in place), torch.compile, and (CUDA only) one CUDA graph
+over the whole denoising loop. It calls the model's own methods for everything it computes
+(`prefill`, `denoise_step`, the time conditioning) and runs the same Euler loop (`pi0.euler`), so
+steering (guidance.py) works unchanged. tests/test_infer.py checks it against the readable
+sampler to 1e-5. policy.py serves it.
 
 Commands:
   python infer.py bench --model pi0 --config small           # latency, TFLOP/s, GB/s, memory
@@ -17,134 +19,76 @@ M keys the action tokens attend to.
 import argparse
 import dataclasses
 import json
+import resource
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import models
-from pi0 import euler_times, free_steps, posemb_sincos
+from paligemma import GemmaConfig, SiglipConfig, random_batch
+from pi0 import euler, euler_times
 
 
 # ----------------------------------------------------------------------------------------------
-# The fast sampler: pi0.py's sample_actions, rearranged for speed (tested against it)
+# The compiled sampler: the model's sample_actions with a static cache, compiled, graphed
 
-class FastSampler:
-    """Action chunks from a Pi0 / Pi05 model, fast; equal to model.sample_actions(batch, noise).
+class CompiledSampler:
+    """Action chunks from a pi0 / pi0.5 model; equal to model.sample_actions(batch, noise, guide=...).
 
-    It runs the model's own layers (paligemma.Gemma with its static KVCache); what it adds is
-    speed, one line each:
-      - one static KV cache per batch shape, allocated once and written in place: the prefix
-        once per observation, pi0's state token once per observation (it never sees the
-        actions, and pi0's norms do not depend on time), the action slots overwritten each step;
-      - time conditioning precomputed for the fixed Euler times: pi0's time half of the
-        action-time MLP becomes one bias per step; pi0.5's time MLP *and* every adaRMS
-        (scale, shift, gate) of every layer become per-step constants (Gemma's `mods`);
-      - the action tokens' mask and positions built once per observation;
-      - Python-float timesteps and a Python for loop: no host sync inside sampling;
-      - compile_mode: torch.compile of the vision, prefill and denoising functions
+    What it adds, one line each:
+      - one static KV cache per batch shape, written in place (prefix, pi0's state token, the
+        action slots overwritten each step), and the layout of the action tokens kept with it;
+      - the expert's norm modulations precomputed for the fixed Euler times (pi0.5's adaRMS
+        depends on the time alone), from the model's own time MLP;
+      - compile_mode: torch.compile of the vision tower, the prefill and the denoising loop
         (None = eager; "default" does not autotune; "max-autotune" does, and takes minutes);
-      - cuda_graph (CUDA only): the whole denoising loop captured once per batch shape and
-        replayed. Needs a GPU to run; guarded by a device check.
-    dtype: the autocast dtype of the matmuls (torch.bfloat16 on GPU); norms, RoPE, attention
-    logits and the action projections stay fp32 as in the model. The time conditioning is
-    precomputed from the weights at construction: build the sampler after loading them.
+      - cuda_graph (CUDA only): the whole denoising loop captured once per batch shape, replayed.
+    A guided sample (guidance.py) runs the same loop eagerly: real-time chunking differentiates
+    through the step. dtype: the autocast dtype of the matmuls (torch.bfloat16 on GPU); norms,
+    RoPE, attention logits and the action projections stay fp32 as in the model. Build it after
+    the weights are loaded (the modulations are computed from them).
     """
 
     def __init__(self, model, num_steps=10, dtype=torch.float32, compile_mode=None, cuda_graph=False):
-        if not hasattr(model, "sample_actions"):
-            raise ValueError(f"FastSampler samples flow-matching models (pi0 / pi0.5), not {model.cfg.model!r}")
+        if not models.spec(model.cfg).flow:
+            raise ValueError(f"CompiledSampler samples flow-matching models (pi0 / pi0.5), not {model.cfg.model!r}")
         self.model, self.cfg, self.num_steps, self.dtype = model, model.cfg, num_steps, dtype
         self.device = next(model.parameters()).device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        self.cuda_graph, self.graph, self.shape, self.cache = cuda_graph, None, None, None
-        self.n_state = 1 if model.state_token else 0  # pi0's state token sits between prefix and actions
-        self.times, self.dt = euler_times(num_steps)
-        with torch.no_grad(), self.autocast():
-            self._precompute()
-        self.vision_fn, self.prefill_fn, self.denoise_fn = model.embed_images, model.prefill, self.denoise
+        self.cuda_graph, self.graph, self.shape, self.cache, self.layout = cuda_graph, None, None, None, None
+        with torch.no_grad(), self.autocast():  # per Euler time: every norm's (scale, shift, gate)
+            self.mods = {t: model.llm.modulations([None, model.time_conditioning(torch.full((1,), t, device=self.device))],
+                                                  present=[1]) for t in euler_times(num_steps)[0]}
+        self.vision_fn, self.prefill_fn, self.denoise_fn = model.vision.embed_views, model.prefill, self.denoise
         if compile_mode is not None:
-            self.vision_fn = torch.compile(model.embed_images, mode=compile_mode, fullgraph=True)
+            self.vision_fn = torch.compile(model.vision.embed_views, mode=compile_mode, fullgraph=True)
             self.prefill_fn = torch.compile(model.prefill, mode=compile_mode)
             self.denoise_fn = torch.compile(self.denoise, mode=compile_mode, fullgraph=True)
 
-    def _precompute(self):
-        """The part of every denoising step that depends on the time alone, for each Euler time."""
-        m, W = self.model, self.cfg.expert.width
-        t = torch.tensor(self.times, dtype=torch.float32, device=self.device)
-        t = torch.cat([t, t.new_zeros(1)])  # and t = 0, real-time chunking's committed steps
-        conds = m.time_conditioning(t)  # (steps + 1, W) for pi0.5's adaRMS, None for pi0
-        self.mods = [m.llm.modulations([None, None if conds is None else conds[i:i + 1]], present=[1])
-                     for i in range(self.num_steps + 1)]
-        if m.state_token:  # pi0: action_time_mlp_in(cat[a, temb]) = a W_a^T + (temb W_t^T + b)
-            w_in = m.action_time_mlp_in.weight  # (W, 2W): [actions | time] halves
-            self.w_act = w_in[:, :W].contiguous()
-            temb = posemb_sincos(t, W)  # (steps + 1, W), fp32 as in the model
-            self.time_bias = (temb @ w_in[:, W:].float().t() + m.action_time_mlp_in.bias.float())[:, None, None]
+    def prepare(self, batch, image_tokens):
+        """Prefill the static cache for one batch of observations. The layout's tensors keep their
+        addresses across calls of one batch shape: a captured CUDA graph reads them there."""
+        shape = (len(batch["tokens"]), image_tokens.shape[1] + batch["tokens"].shape[1])
+        if self.shape != shape:  # a new batch shape: a new cache, layout and graph
+            self.shape, self.graph, self.cache, self.layout = shape, None, None, None
+        self.cache, layout = self.prefill_fn(batch, image_tokens, self.cache)
+        if self.layout is None:
+            self.layout = layout
+        else:
+            for static, new in zip(self.layout, layout):
+                static.copy_(new)
 
-    def prepare(self, batch, img):
-        """Prefill the static cache for one batch of observations (prefix, and pi0's state)."""
-        B = batch["state"].shape[0]
-        P = img.shape[1] + batch["tokens"].shape[1]
-        C = self.cfg.action_horizon
-        if self.shape != (B, P):  # a new batch shape: a new cache (and a new graph)
-            self.shape, self.graph, self.cache = (B, P), None, None
-        prefix_mask, self.cache = self.prefill_fn(batch, img, self.cache)  # model.prefill
-        n_valid = prefix_mask.sum(-1, keepdim=True)  # positions continue after the valid prefix
-        if self.n_state:  # the state token: sees the prefix and itself, never the actions
-            state = self.model.embed_state(batch["state"])  # (B, 1, W)
-            mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, 1)], dim=1)[:, None]  # (B, 1, P + 1)
-            self.model.llm([None, state], n_valid, mask, mods=self.mods[0], cache=self.cache)
-            self.cache.length += 1  # kept: every step's actions attend to it
-        # action queries see the valid prefix, pi0's state token and all actions
-        self.act_mask = torch.cat([prefix_mask[:, None, :].expand(B, C, P),
-                                   prefix_mask.new_ones(B, C, self.n_state + C)], dim=2)  # (B, C, M)
-        self.act_positions = n_valid + self.n_state + torch.arange(C, device=self.device)  # (B, C)
-
-    def embed_actions(self, x, i, free=None):
-        """Noisy actions at step i -> action tokens (B, C, W), time folded in (precomputed).
-        free (B, C, 1): the steps at step i's time; the others are committed, at t = 0."""
-        a = self.model.project_actions(x)  # fp32, as in the model
-        if not self.n_state:
-            return a  # pi0.5: the time enters the norms
-        bias = self.time_bias[i] if free is None else torch.where(free, self.time_bias[i], self.time_bias[-1])
-        return self.model.action_time_mlp_out(F.silu(F.linear(a, self.w_act) + bias))
+    def velocity(self, x, t):
+        """The model's denoising step on the static cache; a per-token time (committed steps)
+        gets its modulations from the model, the Euler times their precomputed ones."""
+        mods = self.mods.get(t) if isinstance(t, float) else None
+        return self.model.denoise_step(x, t, self.cache.for_step(), self.layout, mods)
 
     def denoise(self, x):
         """The Euler loop over the fixed times: x (B, C, A) noise -> actions, no host sync."""
-        for i in range(self.num_steps):  # Python ints and floats only
-            _, out = self.model.llm([None, self.embed_actions(x, i)], self.act_positions, self.act_mask,
-                                    mods=self.mods[i], cache=self.cache)
-            x = x + self.dt * self.model.velocity_from(out)  # (B, C, A), fp32
-        return x
-
-    def denoise_committed(self, x, clean, delay):
-        """The Euler loop for a model trained with --rtc-max-delay: the first delay[b] steps are the
-        committed actions, clean, at t = 0 (their time conditioning precomputed too)."""
-        free = free_steps(delay, x.shape[1])[..., None]  # (B, C, 1)
-        mix = lambda a, b: None if a is None else type(a)(mix(u, v) for u, v in zip(a, b)) \
-            if isinstance(a, (list, tuple)) else torch.where(free, a, b)  # per token: step i's or t = 0's
-        for i in range(self.num_steps):
-            x = torch.where(free, x, clean)
-            _, out = self.model.llm([None, self.embed_actions(x, i, free)], self.act_positions, self.act_mask,
-                                    mods=mix(self.mods[i], self.mods[-1]), cache=self.cache)
-            x = x + self.dt * self.model.velocity_from(out)
-        return torch.where(free, x, clean)
-
-    def denoise_guided(self, x, rtc):
-        """The Euler loop with real-time chunking's guidance (pi0.RTCGuidance), eager: each step
-        runs autograd through the expert, on its own copy of the cached prefix."""
-        kept = self.cache.length
-        for i, t in enumerate(self.times):
-            def velocity(x_, i=i):
-                cache = self.cache.prefix(kept, self.cfg.action_horizon, detach=True)
-                _, out = self.model.llm([None, self.embed_actions(x_, i)], self.act_positions, self.act_mask,
-                                        mods=self.mods[i], cache=cache)
-                return self.model.velocity_from(out)
-            x = x + self.dt * rtc.guided_velocity(velocity, x, t)
-        return x
+        return euler(self.velocity, x, self.num_steps)
 
     def denoise_graphed(self, x):
         """Replay one CUDA graph of the whole loop (captured on first use per batch shape)."""
@@ -167,19 +111,15 @@ class FastSampler:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     @torch.no_grad()
-    def __call__(self, batch, noise=None, rtc=None, committed=None):
-        """batch as for model.sample_actions -> (B, C, A) normalized actions, fp32. Real-time
-        chunking: rtc, guidance (pi0.RTCGuidance); committed, (actions, delay) for a model
-        trained with --rtc-max-delay (as in model.sample_actions)."""
+    def __call__(self, batch, noise=None, guide=None):
+        """batch, noise and guide as for model.sample_actions -> (B, C, A) normalized actions."""
         B = batch["state"].shape[0]
         shape = (B, self.cfg.action_horizon, self.cfg.action_dim)
         x = torch.randn(shape, device=self.device) if noise is None else noise.float()
         with self.autocast():
             self.prepare(batch, self.vision_fn(batch["images"]))
-            if rtc is not None:
-                return self.denoise_guided(x, rtc)
-            if committed is not None:
-                return self.denoise_committed(x, *committed)
+            if guide is not None:
+                return euler(guide(self.velocity), x, self.num_steps)
             return self.denoise_graphed(x) if self.cuda_graph else self.denoise_fn(x)
 
 
@@ -187,17 +127,16 @@ class FastSampler:
 # bench: latency per phase, achieved TFLOP/s and GB/s, peak memory
 
 def bench_config(model, config):
-    """A config by name: a preset of the model's file, or "small" (a CPU-sized model that is
-    not tiny: 112px SigLIP 384x4, Gemma 512x4, expert 256x4, chunk 50, 32 action dims)."""
-    from paligemma import GemmaConfig, SiglipConfig
+    """A config by name: a preset of the model's, or "small" (a CPU-sized model that is not
+    tiny: 112px SigLIP 384x4, Gemma 512x4, expert 256x4, chunk 50, 32 action dims)."""
     if config != "small":
         return models.preset(model, config)
     small = dict(vision=SiglipConfig(width=384, depth=4, mlp_dim=1536, num_heads=6, patch=14, image_size=112),
                  llm=GemmaConfig(width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64),
                  vocab_size=16384, max_token_len=48)
-    if models.model_file(model).FLOW:
+    if models.spec(model).flow:
         small["expert"] = GemmaConfig(width=256, depth=4, mlp_dim=1024, num_heads=8, num_kv_heads=1, head_dim=64)
-    return models.model_file(model).Config(**small)
+    return models.spec(model).config(**small)
 
 
 def device_sync(device):
@@ -207,7 +146,6 @@ def device_sync(device):
 
 def peak_memory_mib(device):
     """Peak memory so far: allocated tensors on CUDA, the process's resident set on CPU."""
-    import resource
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 20
@@ -220,7 +158,7 @@ def fill_random_(model, seed=0):
     done = set()
     with torch.no_grad():
         for module in model.modules():
-            if hasattr(module, "reset_parameters"):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding, torch.nn.LayerNorm)):
                 module.reset_parameters()
                 done |= {id(p) for p in module.parameters(recurse=False)}
         for p in model.parameters():
@@ -245,7 +183,7 @@ def bench_setup(args):
                                   cameras=tuple(f"cam{i}" for i in range(args.views)))  # the preset stays as it is
         model = fill_random_(models.build_empty(cfg, dtype, device)).eval()
     cfg = model.cfg
-    flow = models.model_file(cfg.model).FLOW
+    flow = models.spec(cfg).flow
     settings = dict(model=cfg.model, config=args.checkpoint or args.config, device=str(device),
                     dtype=args.dtype or str(dtype).split(".")[-1], batch=args.batch,
                     **({"steps": args.steps} if flow else {"decode_tokens": args.decode_tokens}),
@@ -253,13 +191,7 @@ def bench_setup(args):
                     compile=args.compile, cuda_graph=args.cuda_graph, threads=torch.get_num_threads(),
                     params=models.count_params(model), weights_mib=round(weight_bytes(model) / 2 ** 20, 1))
     print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
-    B, V, R, L = args.batch, len(cfg.cameras), cfg.vision.image_size, cfg.max_token_len
-    g = torch.Generator().manual_seed(0)
-    batch = {"images": (torch.rand(B, V, 3, R, R, generator=g) * 2 - 1).to(device),
-             "image_masks": torch.ones(B, V, dtype=torch.bool, device=device),
-             "state": torch.randn(B, cfg.action_dim, generator=g).to(device),
-             "tokens": torch.randint(3, cfg.vocab_size, (B, L), generator=g).to(device),
-             "token_masks": (torch.arange(L) < L // 2).expand(B, L).to(device)}  # half the prompt is padding
+    batch = {k: v.to(device) for k, v in random_batch(cfg, args.batch, actions=False).items()}
     return model, batch, settings, dtype
 
 
@@ -316,11 +248,11 @@ def time_readable(model, batch, noise, args, autocast):
 def bench(args):
     """pi0 / pi0.5: latency per phase, achieved TFLOP/s and GB/s, peak memory; a JSON line last."""
     model, batch, settings, dtype = bench_setup(args)
-    if not models.model_file(model.cfg.model).FLOW:
+    if not models.spec(model.cfg).flow:
         return bench_fast(args, model, batch, settings, dtype, random_weights=not args.checkpoint)
     cfg, device, B = model.cfg, batch["images"].device, args.batch
     noise = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1)).to(device)
-    sampler = FastSampler(model, args.steps, dtype, args.compile, args.cuda_graph)
+    sampler = CompiledSampler(model, args.steps, dtype, args.compile, args.cuda_graph)
     first_ms, times = time_phases(sampler, batch, noise, args.iters)
     total = times.sum(1)
     P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
@@ -407,7 +339,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="latency per phase, TFLOP/s, GB/s, peak memory")
-    b.add_argument("--model", choices=models.MODELS, default="pi0", help="model file (random weights)")
+    b.add_argument("--model", choices=list(models.MODELS), default="pi0", help="model (random weights)")
     b.add_argument("--decode-tokens", type=int, default=32, help="pi0-FAST: answer tokens decoded per call")
     b.add_argument("--config", default="small", help="preset: full, tiny, small (see bench_config)")
     b.add_argument("--checkpoint", help="checkpoint directory (instead of random weights)")

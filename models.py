@@ -1,68 +1,95 @@
-"""The model registry and the checkpoint directory: the one place that maps a name to a model file.
+"""The model registry and the checkpoint directory: the one place that maps a name to a model.
 
-Each model file (pi0.py, pi05.py, pi0_fast.py) exports the same few names, so nothing outside this
-file needs to ask which model it holds:
+Each model declares here, once, what the rest of the project asks of it (`ModelSpec`); nothing
+outside this file asks which model it holds. A checkpoint directory holds:
 
-    Config          its dataclass; config.json is Config.to_dict(), whose "model" names the file
-    Model           the nn.Module; forward(batch) -> {"loss": ..., per-term losses}
-    CONFIGS         presets by name: "full" (openpi's sizes), "tiny" (tests, the built-in task)
-    FLOW            True: flow matching (forward takes noise and time, sample_actions samples,
-                    state and actions are zero-padded to cfg.action_dim); False: pi0-FAST
-    USE_QUANTILES   openpi's normalization for that model: z-score for pi0, quantiles otherwise
-    prompt_tokenizer(cfg, sp) -> tokenize(prompt, normalized state) -> (ids (L,), mask (L,))
-
-A checkpoint directory holds:
     model.safetensors   the weights, under our parameter names
-    config.json         Config.to_dict(): enough to rebuild the model
+    config.json         the config's to_dict(): enough to rebuild the model; its "model" names the spec
     norm_stats.json     openpi's format: {"norm_stats": {"state" | "actions": {"mean", "std", "q01", "q99"}}}
     tokenizer.model     the SentencePiece prompt tokenizer
-    fast_tokenizer.json the FAST tokenizer (pi0-FAST, pi0.5 co-training)
+    fast_tokenizer.json the FAST tokenizer (pi0-FAST, pi0.5 co-training): ours, or openpi's
+    fast_tokenizer/     universal one as its HF directory
     policy.json         how a robot's data maps onto the model: cameras, state / action widths,
-                        normalization, delta-action mask, default prompt
+                        normalization, delta-action mask, default prompt, serving options
     train_state.pt      (training checkpoints only) optimizer, EMA, step, RNG, data position
 """
 
 import glob
-import importlib
 import json
 import math
 import os
 import shutil
 import signal
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import sentencepiece as spm
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+import pi0
+import pi05
+import pi0_fast
 from paligemma import count_params, fp32_param_names, load_state_strict
 
-MODELS = ("pi0", "pi05", "pi0_fast")  # each name is also its file
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of the project asks of one model."""
+    config: type              # its config dataclass (config.json is config.to_dict())
+    model: type               # the nn.Module: forward(batch, ...) -> {"loss": ..., per-term losses}
+    presets: dict             # configs by name: "full" (openpi's sizes), "tiny" (tests, the built-in task)
+    flow: bool                # flow matching: forward takes noise and time, sample_actions samples, state
+                              # and actions are zero-padded to cfg.action_dim; else FAST tokens (pi0-FAST)
+    quantile_norm: bool       # openpi normalizes its state and actions by quantiles, else by z-score
+    prompt: Callable          # (cfg, sp) -> tokenize(prompt, normalized state, condition=None) -> (ids, mask)
+    fast_targets: Callable | None  # (cfg, sp, fast, max_tokens) -> (prompt, state, actions) -> FAST batch keys
+    fast_targets_required: bool   # trains on FAST tokens always (pi0-FAST), or only when asked (pi0.5 --fast-targets 1)
+    masks_absent_views: bool  # openpi masks a robot's absent camera out; pi0-FAST looks at its zero image
+    robot_views: str          # which camera map of a robot family its openpi configs use (robots.Robot)
+    options: tuple = ()       # config fields train.py's flags set (pi0.5: --knowledge-insulation, --dropout)
 
 
-def model_file(name):
-    """The module of model `name` (pi0, pi05 or pi0_fast)."""
+MODELS = {
+    "pi0": ModelSpec(pi0.Pi0Config, pi0.Pi0, pi0.CONFIGS, flow=True, quantile_norm=False, prompt=pi0.prompt_tokenizer,
+                     fast_targets=None, fast_targets_required=False, masks_absent_views=True, robot_views="views"),
+    "pi05": ModelSpec(pi05.Pi05Config, pi05.Pi05, pi05.CONFIGS, flow=True, quantile_norm=True,
+                      prompt=pi05.prompt_tokenizer, fast_targets=pi05.target_tokenizer, fast_targets_required=False,
+                      masks_absent_views=True, robot_views="views", options=("knowledge_insulation", "dropout")),
+    "pi0_fast": ModelSpec(pi0_fast.Pi0FastConfig, pi0_fast.Pi0Fast, pi0_fast.CONFIGS, flow=False, quantile_norm=True,
+                          prompt=pi0_fast.prompt_tokenizer, fast_targets=pi0_fast.target_tokenizer,
+                          fast_targets_required=True, masks_absent_views=False, robot_views="fast_views"),
+}
+
+
+def spec(name):
+    """The ModelSpec of a model name (or of a config: its "model" field)."""
+    name = getattr(name, "model", name)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
-    return importlib.import_module(name)
+    return MODELS[name]
 
 
 def preset(name, config):
     """A model's preset config by name ("full", "tiny", ...)."""
-    presets = model_file(name).CONFIGS
+    presets = spec(name).presets
     if config not in presets:
         raise ValueError(f"unknown --config {config!r} for {name}: expected one of {', '.join(presets)}")
     return presets[config]
 
 
 def config_from_dict(d, where="config.json"):
-    """A config.json dict -> the right Config, by its "model" field."""
+    """A config.json dict -> the right config, by its "model" field."""
     if "model" not in d:
         raise ValueError(f"{where}: no \"model\" field (expected one of {', '.join(MODELS)})")
-    return model_file(d["model"]).Config.from_dict(d)
+    return spec(d["model"]).config.from_dict(d)
 
 
 def build(cfg):
     """A freshly initialised model for a config."""
-    return model_file(cfg.model).Model(cfg)
+    return spec(cfg).model(cfg)
 
 
 def read_json(path):
@@ -108,7 +135,6 @@ def build_empty(cfg, dtype=torch.float32, device="cpu"):
 def load_weights(model, weights, dtypes, device):
     """Tensors of a safetensors file, one at a time, each converted to its dtype as it is read
     (the largest in row blocks of 2^24 elements): memory holds the result plus one block."""
-    from safetensors import safe_open
     state = {}
     with safe_open(weights, "pt", device="cpu") as f:
         for name in f.keys():
@@ -133,7 +159,6 @@ def load(path, device="cpu", dtype=None):
     dtype None: as saved (fp32 masters, what training and the parity tests use). dtype
     torch.bfloat16: the serving precision (paligemma.py's policy): every weight is converted
     as it is read, so no fp32 copy of the model is ever resident."""
-    from safetensors import SafetensorError, safe_open
     path = str(path)
     if not os.path.isdir(path):
         aside = sorted(glob.glob(f"{path.rstrip('/')}.old-*"))
@@ -159,12 +184,11 @@ def load(path, device="cpu", dtype=None):
 
 
 def prompt_tokenizer(cfg, sp):
-    """The model's prompt format: tokenize(prompt, normalized state) -> (ids, mask)."""
-    return model_file(cfg.model).prompt_tokenizer(cfg, sp)
+    """The model's prompt format: tokenize(prompt, normalized state, condition=None) -> (ids, mask)."""
+    return spec(cfg).prompt(cfg, sp)
 
 
 def load_sentencepiece(path):
-    import sentencepiece as spm
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no SentencePiece tokenizer there")
     return spm.SentencePieceProcessor(model_file=str(path))
@@ -199,7 +223,6 @@ def fsync_path(path):
 
 def write_checkpoint(model, tmp, norm_stats=None, extra_files=(), json_files=None, state_dict=None):
     """Write a checkpoint directory's files into `tmp` (created empty) and sync them."""
-    from safetensors.torch import save_file
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     state = state_dict if state_dict is not None else model.state_dict()
@@ -262,7 +285,7 @@ def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=Non
 
 if __name__ == "__main__":
     for name in MODELS:
-        for config in model_file(name).CONFIGS:
+        for config in spec(name).presets:
             with torch.device("meta"):  # sizes without allocating the weights
                 model = build(preset(name, config))
             print(f"{name:9s} {config:5s} {count_params(model):>14,} params")

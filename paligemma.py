@@ -17,7 +17,8 @@ Axis legend, shared by every file of the project (each file's docstring lists th
   C chunk (action horizon), A action dim (the model's, padded), S robot state dim,
   T tokens of the streams in one call, M keys one call attends to (cache + T),
   W width, F MLP width, N query heads, K kv heads, G = N // K query heads per kv head,
-  H head dim, E episodes, X frames (rows) of a dataset. Layers are spelled out: depth.
+  H head dim, E episodes, X frames (rows) of a dataset, Q value bins (RECAP), r a LoRA rank.
+  Spelled out, never a letter: depth (layers), a camera image's height and width.
 
 Precision policy (the one place it is written down). Training keeps fp32 master weights; on GPU
 the matmuls run in bf16 under torch.autocast. These always run in fp32, as in openpi's JAX code:
@@ -33,7 +34,9 @@ tests run everything in fp32 and match the JAX fixtures to ~1e-5.
 import math
 import re
 from dataclasses import dataclass
+from typing import TypedDict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,6 +81,47 @@ GEMMA_PRESETS = {
     "tiny_expert": GemmaConfig(width=32, depth=4, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16),
 }
 PALIGEMMA_VOCAB_SIZE = 257152  # 256000 Gemma pieces + 1024 <locXXXX> + 128 <segXXX>
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch: what every model takes (openpi's Observation, plus the training targets)
+
+
+class Batch(TypedDict, total=False):
+    """One plain dict of tensors, leading axis B. data.py makes it from a dataset, policy.py from
+    a robot's request; the models never see raw data. State and actions are normalized and
+    zero-padded to the model's action_dim (pi0-FAST: the robot's own width)."""
+    images: torch.Tensor        # (B, V, 3, R, R) float32 in [-1, 1], views in cfg.cameras order
+    image_masks: torch.Tensor   # (B, V) bool: False for a missing camera (its tokens are masked out)
+    state: torch.Tensor         # (B, A) float32
+    tokens: torch.Tensor        # (B, L) int64: the prompt in the model's format, right-padded
+    token_masks: torch.Tensor   # (B, L) bool: True on real tokens
+    actions: torch.Tensor       # (B, C, A) float32 (training)
+    action_masks: torch.Tensor  # (B, C, A) bool: False on padded dims and steps (training)
+    # model-specific training keys: pi0.5's FAST targets (target_tokens / target_masks (B, D)),
+    # pi0-FAST's answer layout (token_ar_masks / token_loss_masks (B, L)), a prompt condition's
+    # unconditioned prompt (uncond_tokens / uncond_token_masks (B, L))
+
+
+def random_batch(cfg, B=2, seed=0, actions=True):
+    """A random batch for a model config (tests, benchmarks): images in [-1, 1], prompts of
+    random lengths, the last view of the last example missing; actions and their masks unless
+    actions=False (an observation, as sampling takes it)."""
+    g = torch.Generator().manual_seed(seed)
+    V, R, L = len(cfg.cameras), cfg.vision.image_size, cfg.max_token_len
+    lengths = torch.randint(2, L + 1, (B,), generator=g)
+    token_masks = torch.arange(L)[None, :] < lengths[:, None]
+    batch = {"images": torch.rand(B, V, 3, R, R, generator=g) * 2 - 1,
+             "image_masks": torch.ones(B, V, dtype=torch.bool),
+             "state": torch.randn(B, cfg.action_dim, generator=g),
+             "tokens": torch.randint(3, cfg.vocab_size, (B, L), generator=g) * token_masks,
+             "token_masks": token_masks}
+    if V > 1:
+        batch["image_masks"][-1, -1] = False
+    if actions:
+        batch["actions"] = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g)
+        batch["action_masks"] = torch.ones(B, cfg.action_horizon, cfg.action_dim, dtype=torch.bool)
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +203,30 @@ class SigLIP(nn.Module):
             x = block(x)
         return self.head(self.norm(x))  # (B, I, out_width)
 
+    def embed_views(self, images):
+        """(B, V, 3, R, R) -> image tokens (B, V*I, out_width): every view in one pass, in order."""
+        B = images.shape[0]
+        x = self(images.flatten(0, 1))  # (B*V, I, out_width)
+        return x.view(B, -1, x.shape[-1])
+
+
+def embed_prefix(vision, llm, batch, image_tokens=None):
+    """PaliGemma's input: every view's image tokens, then the prompt's token embeddings ->
+    tokens (B, V*I + L, W) and their input mask (False on a missing view's tokens and on the
+    prompt's padding). image_tokens: vision.embed_views's output when it already ran."""
+    image_masks = batch["image_masks"]
+    B, V = image_masks.shape
+    img = vision.embed_views(batch["images"]) if image_tokens is None else image_tokens  # (B, V*I, W)
+    img_mask = image_masks[:, :, None].expand(B, V, img.shape[1] // V).reshape(B, -1)
+    text = llm.embed_tokens(batch["tokens"]).to(img.dtype)  # (B, L, W), scaled by sqrt(W)
+    return torch.cat([img, text], dim=1), torch.cat([img_mask, batch["token_masks"]], dim=1)
+
+
+def discretize_state(state):
+    """pi0.5's and pi0-FAST's state as text: the normalized state (about [-1, 1]) in 256 bins,
+    openpi's edges (values below -1 give -1)."""
+    return np.digitize(state, np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+
 
 # ----------------------------------------------------------------------------------------------
 # Gemma building blocks
@@ -175,7 +243,7 @@ def fp32_param_names(model):
     and whatever keep_fp32 marked (SigLIP's stem, the action projections)."""
     out = set()
     for prefix, module in model.named_modules():
-        names = module.fp32_params if hasattr(module, "fp32_params") else \
+        names = vars(module)["fp32_params"] if "fp32_params" in vars(module) else \
             [n for n, _ in module.named_parameters(recurse=False)] if isinstance(module, nn.LayerNorm) else []
         out |= {f"{prefix}.{n}" if prefix else n for n in names}
     return out
@@ -285,6 +353,12 @@ class KVCache:
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    def for_step(self):
+        """The cache one call of a repeated step writes into: this one, or under autograd (real-
+        time chunking differentiates through a denoising step) a detached copy of its kept slots,
+        so that the next step's in-place writes never reach into this step's graph."""
+        return self.prefix(self.length, self.max_len - self.length, detach=True) if torch.is_grad_enabled() else self
 
     def prefix(self, n, room, detach=False):
         """A new cache holding this one's first n slots (kept) and room for `room` more tokens.

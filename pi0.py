@@ -5,6 +5,8 @@ smaller Gemma "action expert" reads one state token and C noisy action tokens (t
 attending to the prefix through shared attention (paligemma.py), predicts the velocity that moves
 the noisy chunk towards the robot's real action chunk. Sampling integrates that velocity from pure
 noise (t = 1) to actions (t = 0) with 10 Euler steps; the prefix is computed once and cached.
+The sampler has one mode; what steers it (real-time chunking, classifier-free guidance) wraps
+its velocity from outside (guidance.py).
 
 Token layout and attention (ar = 1 starts a new causal block, see paligemma.make_attn_mask):
 
@@ -32,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paligemma import (GEMMA_PRESETS, PALIGEMMA_VOCAB_SIZE, SIGLIP_PRESETS, Gemma, GemmaConfig,
-                       KVCache, SigLIP, SiglipConfig, count_params, keep_fp32, make_attn_mask, make_positions,
-                       transformer_flops, vision_flops)
+                       KVCache, SigLIP, SiglipConfig, count_params, embed_prefix, keep_fp32, make_attn_mask,
+                       make_positions, random_batch, transformer_flops, vision_flops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,7 +51,9 @@ class Pi0Config:
     action_horizon: int = 50    # C: actions predicted per call
     max_token_len: int = 48     # prompt length in tokens (padded / truncated)
     cameras: tuple = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # order of views
-    model: str = "pi0"          # which model file builds this config (read by loaders)
+    flow_loss_weight: float = 1.0  # weight of the flow-matching loss in "loss"
+    ce_loss_weight: float = 1.0    # weight of a discrete-target cross-entropy (pi0.5 co-training)
+    model: str = "pi0"          # which model file builds this config (models.py's registry)
 
     def to_dict(self):
         return asdict(self)
@@ -139,6 +143,15 @@ def euler_times(num_steps):
     return times, float(dt)
 
 
+def euler(velocity, x, num_steps):
+    """The sampler's one loop: x <- x + dt v(x, t) from noise (t = 1) to actions (t = 0).
+    velocity(x, t) gets t as a Python float, so no step waits on the device."""
+    times, dt = euler_times(num_steps)
+    for t in times:
+        x = x + dt * velocity(x, t)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -166,24 +179,15 @@ class Pi0(nn.Module):
         self.action_time_mlp_in = nn.Linear(2 * W, W)
         self.action_time_mlp_out = nn.Linear(W, W)
 
-    def embed_suffix(self, state, x_t, t):
-        """State token + action tokens fused with time.
-
-        state (B, A), x_t (B, C, A), t (B,) or per token (B, C) -> tokens (B, 1 + C, W), input
-        mask (B, 1 + C), ar mask (1 + C,), adaRMS condition (None for pi0).
-        """
+    def embed_actions(self, x_t, t):
+        """Noisy actions fused with their time: x_t (B, C, A), t (B,) or per token (B, C) ->
+        action tokens (B, C, W)."""
         B, C, _ = x_t.shape
-        state_token = self.embed_state(state)  # (B, 1, W)
         actions = self.project_actions(x_t)  # (B, C, W)
         time_emb = posemb_sincos(t, actions.shape[-1]).to(actions.dtype)  # (B, W) or (B, C, W)
         time_emb = time_emb if t.dim() == 2 else time_emb[:, None, :].expand(B, C, -1)
         h = torch.cat([actions, time_emb], dim=-1)  # (B, C, 2W)
-        h = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(h)))  # swish in between only
-        tokens = torch.cat([state_token, h], dim=1)
-        mask = torch.ones(B, 1 + C, dtype=torch.bool, device=x_t.device)
-        # the state starts a block (the prefix cannot see it), the actions start another one
-        ar = torch.tensor([1, 1] + [0] * (C - 1), dtype=torch.bool, device=x_t.device)
-        return tokens, mask, ar, None
+        return self.action_time_mlp_out(F.silu(self.action_time_mlp_in(h)))  # swish in between only
 
     def time_conditioning(self, t):
         """The adaRMS condition of the expert's norms for times t (B,): none in pi0, whose time
@@ -205,39 +209,42 @@ class Pi0(nn.Module):
         with torch.autocast(suffix_out.device.type, enabled=False):
             return self.action_out_proj(suffix_out[:, -self.cfg.action_horizon:].float())
 
-    def embed_images(self, images):
-        """(B, V, 3, R, R) -> image tokens (B, V*I, W): all views in one pass, views in order."""
-        B = images.shape[0]
-        img = self.vision(images.flatten(0, 1))  # (B*V, I, W)
-        return img.view(B, -1, img.shape[-1])
-
     def embed_prefix(self, batch, image_tokens=None):
         """Images then prompt -> tokens (B, P, W), input mask (B, P), ar mask (P,) all zero.
 
-        image_tokens (B, V*P_img, W): the vision tower's output, when it already ran (infer.py
+        image_tokens (B, V*I, W): the vision tower's output, when it already ran (infer.py
         times the two apart); by default it runs here.
         """
-        image_masks = batch["image_masks"]
-        B, V = image_masks.shape
+        V = batch["image_masks"].shape[1]
         if V != len(self.cfg.cameras):
             raise ValueError(f"batch has {V} views, the config expects "
                              f"{len(self.cfg.cameras)} ({', '.join(self.cfg.cameras)})")
-        img = self.embed_images(batch["images"]) if image_tokens is None else image_tokens  # (B, V*P_img, W)
-        img_mask = image_masks[:, :, None].expand(B, V, img.shape[1] // V).reshape(B, -1)
-        lang = self.llm.embed_tokens(batch["tokens"])  # (B, L, W), scaled by sqrt(W)
-        tokens = torch.cat([img, lang.to(img.dtype)], dim=1)
-        mask = torch.cat([img_mask, batch["token_masks"]], dim=1)
+        tokens, mask = embed_prefix(self.vision, self.llm, batch, image_tokens)
         ar = torch.zeros(tokens.shape[1], dtype=torch.bool, device=tokens.device)
         return tokens, mask, ar
+
+    def embed_suffix(self, state, x_t, t):
+        """pi0's state token (if the model has one) + the action tokens: tokens (B, T, W), input
+        mask (B, T), ar mask (T,). The state starts a block (the prefix cannot see it), the
+        actions start another one (the state cannot see them)."""
+        actions = self.embed_actions(x_t, t)  # (B, C, W)
+        B, C, _ = actions.shape
+        tokens = torch.cat([self.embed_state(state), actions], dim=1) if self.state_token else actions
+        n_state = int(self.state_token)
+        mask = torch.ones(B, n_state + C, dtype=torch.bool, device=x_t.device)
+        ar = torch.tensor([1] * n_state + [1] + [0] * (C - 1), dtype=torch.bool, device=x_t.device)
+        return tokens, mask, ar
+
+    # -- training ------------------------------------------------------------------------------
 
     def velocity(self, batch, x_t, t):
         """One joint pass over prefix + suffix (the training path): v_t (B, C, A)."""
         prefix, prefix_mask, prefix_ar = self.embed_prefix(batch)
-        suffix, suffix_mask, suffix_ar, cond = self.embed_suffix(batch["state"], x_t, t)
+        suffix, suffix_mask, suffix_ar = self.embed_suffix(batch["state"], x_t, t)
         mask = torch.cat([prefix_mask, suffix_mask], dim=1)
         ar = torch.cat([prefix_ar, suffix_ar])
         _, suffix_out = self.llm([prefix, suffix], make_positions(mask), make_attn_mask(mask, ar),
-                                 conds=[None, cond])
+                                 conds=[None, self.time_conditioning(t)])
         return self.velocity_from(suffix_out)
 
     def flow_error(self, v_t, u_t, steps):
@@ -270,12 +277,16 @@ class Pi0(nn.Module):
         x_t, u_t, t, steps = self.flow_inputs(batch, noise, time, delay)
         return {"flow": self.flow_error(self.velocity(batch, x_t, t), u_t, steps), "flow_steps": steps}
 
+    def loss_weights(self):
+        """How forward's terms add up to "loss" (train.py weighs its micro-batches term by term)."""
+        return {"flow": self.cfg.flow_loss_weight, "ce": self.cfg.ce_loss_weight}
+
     def forward(self, batch, noise=None, time=None, delay=None):
         """Training entry point: a dict of scalar losses; "loss" is the one to minimise.
 
         Each term of compute_loss is a mean over its valid entries: "flow" over the action steps
         of batch["action_masks"] (all steps without it, and not a committed prefix), "ce" (pi0.5)
-        over batch["target_masks"].
+        over batch["target_masks"]; "loss" weighs them by the config's loss weights.
         """
         per = self.compute_loss(batch, noise, time, delay)
         steps = per["flow_steps"]
@@ -289,30 +300,49 @@ class Pi0(nn.Module):
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def prefill(self, batch, image_tokens=None, cache=None):
-        """Run the prefix once into a KV cache: returns its input mask (B, P) and the cache, which
-        keeps the prefix and has room for the suffix. cache: one to reuse (the fast sampler's)."""
-        prefix, prefix_mask, prefix_ar = self.embed_prefix(batch, image_tokens)
-        P = prefix.shape[1]
-        if cache is None:
-            cache = KVCache(P + 1 + self.cfg.action_horizon)  # pi0's suffix: state + C actions
-        cache.length = 0
-        self.llm([prefix, None], make_positions(prefix_mask), make_attn_mask(prefix_mask, prefix_ar),
-                 cache=cache)
-        cache.length = P  # kept: every denoising step attends to it
-        return prefix_mask, cache
+    def action_layout(self, prefix_mask):
+        """How the C action tokens attend to a cache holding the prefix (and pi0's state token
+        after it): mask (B, C, M) [query, key] over the valid prefix tokens, the state token and
+        every action token; positions (B, C) continuing after the valid prefix (and state)."""
+        B, P = prefix_mask.shape
+        C, n_state = self.cfg.action_horizon, int(self.state_token)
+        mask = torch.cat([prefix_mask[:, None, :].expand(B, C, P),
+                          prefix_mask.new_ones(B, C, n_state + C)], dim=2)  # (B, C, P + n_state + C)
+        positions = prefix_mask.sum(-1, keepdim=True) + n_state + torch.arange(C, device=prefix_mask.device)
+        return mask, positions
 
-    def denoise_step(self, state, prefix_mask, cache, x_t, t):
-        """Velocity at (x_t, t) for suffix tokens that attend to the cached prefix. The suffix is
-        written after the prefix and not kept: the next step writes over it."""
-        suffix, suffix_mask, suffix_ar, cond = self.embed_suffix(state, x_t, t)
-        B, T = suffix_mask.shape
-        # suffix queries see every valid prefix token, and the suffix by its own ar mask
-        mask = torch.cat([prefix_mask[:, None, :].expand(B, T, -1),
-                          make_attn_mask(suffix_mask, suffix_ar)], dim=2)  # (B, T, P + T)
-        # positions continue after the valid prefix tokens
-        positions = prefix_mask.sum(-1, keepdim=True) + make_positions(suffix_mask)
-        _, out = self.llm([None, suffix], positions, mask, conds=[None, cond], cache=cache)
+    def prefill(self, batch, image_tokens=None, cache=None):
+        """Everything that stays the same while the actions are denoised, once per observation:
+        images + prompt into a KV cache, then pi0's state token (it sees the prefix and itself,
+        never the actions, and pi0's norms do not depend on the time: its keys and values are the
+        same at every step). -> (cache, layout): the cache keeps those tokens and has room for the
+        C action tokens; layout = action_layout, how they attend to it.
+        image_tokens: the vision tower's output when it already ran; cache: one to reuse (infer.py's
+        static cache)."""
+        prefix, prefix_mask, prefix_ar = self.embed_prefix(batch, image_tokens)
+        B, P = prefix_mask.shape
+        if cache is None:
+            cache = KVCache(P + int(self.state_token) + self.cfg.action_horizon)
+        cache.length = 0
+        self.llm([prefix, None], make_positions(prefix_mask), make_attn_mask(prefix_mask, prefix_ar), cache=cache)
+        cache.length = P  # kept: every denoising step attends to it
+        if self.state_token:  # at the position after the valid prefix tokens; sees them and itself
+            mask = torch.cat([prefix_mask, prefix_mask.new_ones(B, 1)], dim=1)[:, None]  # (B, 1, P + 1)
+            self.llm([None, self.embed_state(batch["state"])], prefix_mask.sum(-1, keepdim=True), mask, cache=cache)
+            cache.length += 1
+        return cache, self.action_layout(prefix_mask)
+
+    def denoise_step(self, x_t, t, cache, layout, mods=None):
+        """The velocity at (x_t, t) (B, C, A) for action tokens that attend to a prefilled cache.
+        They are written after the kept tokens and not kept: the next step writes over them.
+        t: a Python float (the Euler loop's) or a tensor, (B,) or per token (B, C). mods: the
+        expert's norm modulations for this time when precomputed (infer.py does it once per Euler
+        time); by default the layers compute them from the time."""
+        if not torch.is_tensor(t):
+            t = torch.full((x_t.shape[0],), t, dtype=torch.float32, device=x_t.device)
+        mask, positions = layout
+        conds = None if mods is not None else [None, self.time_conditioning(t)]
+        _, out = self.llm([None, self.embed_actions(x_t, t)], positions, mask, conds=conds, cache=cache, mods=mods)
         return self.velocity_from(out)
 
     def cost(self, batch_size, prefix_len, num_steps=10):
@@ -331,118 +361,19 @@ class Pi0(nn.Module):
         return flops, weights
 
     @torch.no_grad()
-    def sample_actions(self, batch, noise=None, num_steps=10, rtc=None, committed=None, cfg_beta=None):
+    def sample_actions(self, batch, noise=None, num_steps=10, guide=None):
         """Integrate the velocity from noise (t = 1) to actions (t = 0): (B, C, A), normalized.
 
-        The loop runs over Python floats, so no step waits on the device. Real-time chunking:
-        rtc guides toward the actions already committed (RTCGuidance, inference-time); committed
-        = (actions (B, C, A), delay (B,)) gives a model trained with --rtc-max-delay its first
-        delay[b] steps clean at t = 0, as in training, and returns them unchanged. cfg_beta
-        (RECAP's classifier-free guidance, recap.py): v = v_uncond + beta (v_cond - v_uncond),
-        the unconditioned prompt in batch["uncond_tokens"] / ["uncond_token_masks"].
+        The prefix runs once (prefill); each Euler step runs only the action expert over the C
+        action tokens. guide: a wrapper of the velocity that steers the sample (guidance.py: real-
+        time chunking, committed steps, classifier-free guidance); noise (B, C, A), drawn if None.
         """
-        if cfg_beta is not None:
-            return sample_guided(self, batch, noise, num_steps, cfg_beta)
         B = batch["state"].shape[0]
-        device = batch["state"].device
         shape = (B, self.cfg.action_horizon, self.cfg.action_dim)
-        x = torch.randn(shape, device=device) if noise is None else noise.float()
-        prefix_mask, cache = self.prefill(batch)
-        times, dt = euler_times(num_steps)
-        if committed is not None:
-            if rtc is not None:
-                raise ValueError("give either rtc (guidance) or committed (a model trained for it), not both")
-            clean, delay = committed
-            free = free_steps(delay, shape[1])  # (B, C)
-        for t in times:
-            t_batch = torch.full((B,), t, dtype=torch.float32, device=device)
-            if committed is not None:
-                x = torch.where(free[..., None], x, clean)
-                v = self.denoise_step(batch["state"], prefix_mask, cache, x, torch.where(free, t_batch[:, None], 0.0))
-            elif rtc is None:
-                v = self.denoise_step(batch["state"], prefix_mask, cache, x, t_batch)
-            else:  # each guided step gets its own copy of the prefix cache: autograd runs through it
-                step = lambda x_: self.denoise_step(batch["state"], prefix_mask, cache.prefix(cache.length,
-                                                    1 + self.cfg.action_horizon, detach=True), x_, t_batch)
-                v = rtc.guided_velocity(step, x, t)
-            x = x + dt * v
-        return x if committed is None else torch.where(free[..., None], x, clean)
-
-
-# ----------------------------------------------------------------------------------------------
-# Classifier-free guidance on the flow velocity (RECAP; recap.py trains the model for it)
-
-def sample_guided(model, batch, noise, num_steps, beta):
-    """Both prompts in one batch of 2B (conditioned first), one Euler path per example driven
-    by v_uncond + beta (v_cond - v_uncond). beta = 1 is plain conditioned sampling."""
-    B = batch["state"].shape[0]
-    both = {k: torch.cat([v, v]) for k, v in batch.items() if not k.startswith("uncond_")}
-    both["tokens"] = torch.cat([batch["tokens"], batch["uncond_tokens"]])
-    both["token_masks"] = torch.cat([batch["token_masks"], batch["uncond_token_masks"]])
-    shape = (B, model.cfg.action_horizon, model.cfg.action_dim)
-    x = torch.randn(shape, device=batch["state"].device) if noise is None else noise.float()
-    prefix_mask, cache = model.prefill(both)
-    times, dt = euler_times(num_steps)
-    for t in times:
-        t_batch = torch.full((2 * B,), t, dtype=torch.float32, device=x.device)
-        v_cond, v_uncond = model.denoise_step(both["state"], prefix_mask, cache, torch.cat([x, x]), t_batch).chunk(2)
-        x = x + dt * (v_uncond + beta * (v_cond - v_uncond))
-    return x
-
-
-# ----------------------------------------------------------------------------------------------
-# Real-time chunking, inference-time (Black, Galliker, Levine 2025, arXiv 2506.07339)
-#
-# The robot keeps executing the previous chunk while this one is computed. With a delay of d
-# control steps and an execution horizon s (actions of the previous chunk consumed when this
-# inference started), the previous chunk's leftover Y = prev[s:] lines up with this chunk's
-# first C - s steps. RTC guides every Euler step toward Y, weighted by a soft mask W (1 on the
-# d frozen steps, decaying over the rest of the overlap, 0 after), as inpainting with a flow
-# (Pokle et al.'s PiGDM). In openpi's convention (t = 1 noise, t = 0 data):
-#   A_hat = x - t v(x)                       the one-step clean estimate
-#   g     = (dA_hat/dx)^T [W * (Y - A_hat)]  one vector-Jacobian product through the expert
-#   v_g   = v - min(beta, (t^2 + (1-t)^2) / (t (1-t))) g   then the usual x <- x + dt v_g
-
-
-def rtc_mask(horizon, delay, overlap_end, schedule="exp"):
-    """The soft mask W (C,): 1 on steps < delay, then (exp) c (e^c - 1) / (e - 1) with
-    c = (overlap_end - i) / (overlap_end - delay + 1), 0 from overlap_end = C - s on. "linear"
-    uses c alone, "hard" only the frozen steps (the paper's ablations)."""
-    if not 0 <= delay <= overlap_end <= horizon:
-        raise ValueError(f"need 0 <= delay ({delay}) <= overlap_end ({overlap_end}) <= horizon ({horizon})")
-    i = torch.arange(horizon, dtype=torch.float32)
-    c = (overlap_end - i) / (overlap_end - delay + 1)
-    soft = {"exp": c * torch.expm1(c) / math.expm1(1.0), "linear": c, "hard": torch.zeros_like(c)}[schedule]
-    return torch.where(i < delay, 1.0, torch.where(i < overlap_end, soft, 0.0))
-
-
-def rtc_guidance_weight(t, beta):
-    """min(beta, (t^2 + (1-t)^2) / (t (1-t))): symmetric in t <-> 1-t, 2 at t = 0.5; the cap beta
-    (the paper's, needed with few denoising steps) also defines it at t = 0 and t = 1."""
-    return beta if t <= 0 or t >= 1 else min(beta, (t * t + (1 - t) ** 2) / (t * (1 - t)))
-
-
-@dataclass
-class RTCGuidance:
-    """What one guided sampling needs: the previous chunk's leftover aligned to this chunk
-    (B, C, A), normalized and padded like the model's actions; the weights (C,) or broadcastable
-    to (B, C, A) (rtc_mask, times 0 on padded action dims); the cap beta. jacobian "full" is the
-    paper's; "identity" drops the Jacobian (g = W * (Y - A_hat), no backward pass)."""
-    target: torch.Tensor
-    weights: torch.Tensor
-    beta: float = 5.0
-    jacobian: str = "full"
-
-    def guided_velocity(self, velocity, x, t):
-        """velocity: x (B, C, A) -> v(x); t: this step's time (a float). -> the guided velocity."""
-        w = self.weights if self.weights.dim() == 3 else self.weights[None, :, None]
-        with torch.set_grad_enabled(self.jacobian == "full"):
-            x = x.detach().requires_grad_(self.jacobian == "full")
-            v = velocity(x)
-            x_hat = x - t * v
-            err = w.to(x_hat) * (self.target.to(x_hat) - x_hat)
-            g = torch.autograd.grad(x_hat, x, err)[0] if self.jacobian == "full" else err
-        return (v - rtc_guidance_weight(t, self.beta) * g).detach()
+        x = torch.randn(shape, device=batch["state"].device) if noise is None else noise.float()
+        cache, layout = self.prefill(batch)
+        velocity = lambda x_t, t: self.denoise_step(x_t, t, cache.for_step(), layout)
+        return euler(velocity if guide is None else guide(velocity), x, num_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,35 +389,22 @@ def pad_tokens(ids, max_len):
     return tokens, np.arange(max_len) < len(ids)
 
 
-def indicator_text(positive):
-    """RECAP's improvement indicator (recap.py), as text the prompt carries."""
-    return f"Advantage: {'positive' if positive else 'negative'}"
-
-
-def tokenize_prompt(sp, prompt, max_len, indicator=None):
+def tokenize_prompt(sp, prompt, max_len, condition=None):
     """pi0's prompt: BOS + cleaned text, then "\\n" encoded on its own ("start of answer").
 
     sp is a sentencepiece.SentencePieceProcessor (PaliGemma's tokenizer for real checkpoints).
-    indicator (RECAP, True / False): "\\nAdvantage: positive" / "negative" after the text.
+    condition: text the policy is conditioned on (e.g. RECAP's "Advantage: positive"), on its own
+    line after the task.
     """
     clean = prompt.strip().replace("_", " ").replace("\n", " ")
-    if indicator is not None:
-        clean = f"{clean}\n{indicator_text(indicator)}"
+    if condition is not None:
+        clean = f"{clean}\n{condition}"
     return pad_tokens(sp.encode(clean, add_bos=True) + sp.encode("\n"), max_len)
 
 
-# ----------------------------------------------------------------------------------------------
-# What the registry (models.py) reads from every model file
-
-Config, Model = Pi0Config, Pi0
-FLOW = True            # flow matching: state and actions padded to cfg.action_dim
-USE_QUANTILES = False  # openpi normalizes pi0's state and actions by z-score
-target_tokenizer = None  # pi0 learns from the flow-matching loss alone
-
-
 def prompt_tokenizer(cfg, sp):
-    """(prompt, normalized state, RECAP indicator) -> (ids, mask): pi0's prompt has no state."""
-    return lambda prompt, state, indicator=None: tokenize_prompt(sp, prompt, cfg.max_token_len, indicator)
+    """(prompt, normalized state, condition) -> (ids, mask): pi0's prompt has no state."""
+    return lambda prompt, state, condition=None: tokenize_prompt(sp, prompt, cfg.max_token_len, condition)
 
 
 if __name__ == "__main__":
@@ -494,18 +412,9 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     cfg = CONFIGS["tiny"]
     model = Pi0(cfg).eval()
-    B, V, R = 2, len(cfg.cameras), cfg.vision.image_size
-    batch = {
-        "images": torch.rand(B, V, 3, R, R) * 2 - 1,
-        "image_masks": torch.ones(B, V, dtype=torch.bool),
-        "state": torch.randn(B, cfg.action_dim),
-        "tokens": torch.randint(0, cfg.vocab_size, (B, cfg.max_token_len)),
-        "token_masks": torch.ones(B, cfg.max_token_len, dtype=torch.bool),
-        "actions": torch.randn(B, cfg.action_horizon, cfg.action_dim),
-    }
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    print(f"params: vision {count(model.vision):,}  llm+expert {count(model.llm):,}  "
-          f"total {count(model):,}")
+    batch = random_batch(cfg, B=2, actions=True)
+    print(f"params: vision {count_params(model.vision):,}  llm+expert {count_params(model.llm):,}  "
+          f"total {count_params(model):,}")
     print(f"loss {model(batch)['loss'].item():.4f}")
     t0 = timer.perf_counter()
     actions = model.sample_actions(batch, num_steps=10)

@@ -7,7 +7,8 @@ architecture, all as in openpi's JAX code:
   2. The action tokens are action_in_proj(x_t) alone. The flow-matching time enters every norm of
      the action expert instead, through adaptive RMSNorm (scale, shift and a gated residual) fed by
      a two-layer swish MLP on the sin-cos time embedding.
-  3. Dropout on the attention and MLP outputs of both towers while training.
+  3. (openpi trains it without dropout; `dropout` on the attention and MLP outputs of both towers
+     is there for who wants it, off by default.)
 
 And the training recipe openpi leaves out, knowledge insulation (Driess et al. 2025,
 https://arxiv.org/abs/2505.23705): in one step,
@@ -22,6 +23,7 @@ At inference only the expert runs: sampling is pi0's, with this suffix.
 Axis legend (paligemma.py's): B batch, P prefix tokens, D discrete target tokens, C chunk, A action dim, W width.
 """
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast_tokenizer import fast_to_paligemma
-from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, KVCache, make_attn_mask, make_positions
-from pi0 import Pi0, Pi0Config, indicator_text, pad_tokens, posemb_sincos
+from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, KVCache, discretize_state, make_attn_mask, make_positions
+from pi0 import Pi0, Pi0Config, pad_tokens, posemb_sincos
 from pi0 import tokenize_prompt as tokenize_prompt_pi0
 
 
@@ -39,10 +41,9 @@ from pi0 import tokenize_prompt as tokenize_prompt_pi0
 class Pi05Config(Pi0Config):
     max_token_len: int = 200            # openpi's pi0.5 prompt budget (the state is text now)
     discrete_state_input: bool = True   # False = openpi's pi05_libero: no state at all
-    dropout: float = 0.1                # attention / MLP output dropout in both towers (train only)
-    knowledge_insulation: bool = True   # stop-gradient on the VLM keys/values the expert reads
-    flow_loss_weight: float = 1.0       # weight of the flow-matching MSE (OpenTau: 1, paper: ~10?)
-    ce_loss_weight: float = 1.0         # weight of the discrete-target cross-entropy (OpenTau: 1)
+    dropout: float = 0.0                # attention / MLP output dropout in both towers (train only):
+                                        # none in openpi; train.py --dropout sets it
+    knowledge_insulation: bool = False  # stop-gradient on the VLM keys/values the expert reads (not openpi's)
     model: str = "pi05"
 
     def __post_init__(self):  # one dropout knob for both towers
@@ -78,14 +79,10 @@ class Pi05(Pi0):
         cond = posemb_sincos(t, self.cfg.expert.width)  # (B, W), fp32
         return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(cond))))  # swish after both
 
-    def embed_suffix(self, state, x_t, t):
-        """Action tokens only; time becomes the adaRMS condition. state is unused (it is text)."""
-        B, C, _ = x_t.shape
-        tokens = self.project_actions(x_t)  # (B, C, W)
-        cond = self.time_conditioning(t)  # (B, W), or (B, C, W) per token
-        mask = torch.ones(B, C, dtype=torch.bool, device=x_t.device)
-        ar = torch.tensor([1] + [0] * (C - 1), dtype=torch.bool, device=x_t.device)
-        return tokens, mask, ar, cond
+    def embed_actions(self, x_t, t):
+        """The action tokens are action_in_proj(x_t) alone: the time enters the norms (adaRMS,
+        time_conditioning above). x_t (B, C, A) -> (B, C, W)."""
+        return self.project_actions(x_t)
 
     # -- training with knowledge insulation ----------------------------------------------------
 
@@ -95,31 +92,49 @@ class Pi05(Pi0):
 
         batch may carry discrete targets that follow the prompt: "target_tokens" (B, D) int64
         (FAST action tokens in the PaliGemma vocabulary, or a text answer) with "target_masks"
-        (B, D) bool. Samples without actions have all-False "action_masks". Two passes:
-          1. the VLM over images + prompt + targets (a causal postfix), which gives the
-             cross-entropy and fills the KV cache;
-          2. the expert over the noisy actions, reading only the images + prompt part of that
-             cache, through a stop-gradient when cfg.knowledge_insulation.
+        (B, D) bool. Samples without actions have all-False "action_masks". The action tokens
+        see the images + prompt and each other, never the targets (they would give the answer
+        away). Without knowledge insulation this is one joint pass, as openpi's compute_loss;
+        with it, two (insulated_pass).
         """
         prefix, prefix_mask, prefix_ar = self.embed_prefix(batch)  # images + prompt
-        P = prefix.shape[1]
         seq, seq_mask, seq_ar = prefix, prefix_mask, prefix_ar
-        has_targets = "target_tokens" in batch
-        if has_targets:  # the targets form a causal postfix (ar = 1 on every token)
+        if "target_tokens" in batch:  # the targets form a causal postfix (ar = 1 on every token)
             targets, target_masks = batch["target_tokens"], batch["target_masks"]
             seq = torch.cat([prefix, self.llm.embed_tokens(targets).to(prefix.dtype)], dim=1)
             seq_mask = torch.cat([prefix_mask, target_masks], dim=1)
             seq_ar = torch.cat([prefix_ar, torch.ones_like(targets[0], dtype=torch.bool)])
-        vlm_cache = KVCache(seq.shape[1])
-        vlm_out, _ = self.llm([seq, None], make_positions(seq_mask), make_attn_mask(seq_mask, seq_ar),
-                              cache=vlm_cache)
-        per = {}
-        if has_targets:
-            per["ce"] = self.target_nll(vlm_out, prefix_mask, targets) * target_masks
-        cache = vlm_cache.prefix(P, room=self.cfg.action_horizon, detach=self.cfg.knowledge_insulation)
         x_t, u_t, t, steps = self.flow_inputs(batch, noise, time, delay)
-        v_t = self.denoise_step(batch.get("state"), prefix_mask, cache, x_t, t)
-        return dict(per, flow=self.flow_error(v_t, u_t, steps), flow_steps=steps)
+        step = self.insulated_pass if self.cfg.knowledge_insulation else self.joint_pass
+        vlm_out, v_t = step(seq, seq_mask, seq_ar, prefix_mask, x_t, t)
+        per = dict(flow=self.flow_error(v_t, u_t, steps), flow_steps=steps)
+        if "target_tokens" in batch:
+            per["ce"] = self.target_nll(vlm_out, prefix_mask, targets) * target_masks
+        return per
+
+    def joint_pass(self, seq, seq_mask, seq_ar, prefix_mask, x_t, t):
+        """Images + prompt (+ targets) and the action tokens in one pass -> (VLM outputs (B, S, W),
+        v_t (B, C, A)). The actions attend as in sampling (action_layout: the valid prefix, then
+        each other) and sit at the positions after the valid prefix."""
+        B, S, P = *seq_mask.shape, prefix_mask.shape[1]
+        C = self.cfg.action_horizon
+        action_mask, action_positions = self.action_layout(prefix_mask)  # (B, C, P + C), (B, C)
+        mask = seq_mask.new_zeros(B, S + C, S + C)
+        mask[:, :S, :S] = make_attn_mask(seq_mask, seq_ar)
+        mask[:, S:, :P], mask[:, S:, S:] = action_mask[:, :, :P], action_mask[:, :, P:]
+        positions = torch.cat([make_positions(seq_mask), action_positions], dim=1)
+        vlm_out, out = self.llm([seq, self.embed_actions(x_t, t)], positions, mask,
+                                conds=[None, self.time_conditioning(t)])
+        return vlm_out, self.velocity_from(out)
+
+    def insulated_pass(self, seq, seq_mask, seq_ar, prefix_mask, x_t, t):
+        """Knowledge insulation, in two passes: the VLM over seq fills a KV cache; the expert
+        reads the images + prompt part of it through a stop-gradient (KVCache.prefix(detach)),
+        so no gradient of the flow loss reaches the VLM."""
+        vlm_cache = KVCache(seq.shape[1])
+        vlm_out, _ = self.llm([seq, None], make_positions(seq_mask), make_attn_mask(seq_mask, seq_ar), cache=vlm_cache)
+        cache = vlm_cache.prefix(prefix_mask.shape[1], room=self.cfg.action_horizon, detach=True)
+        return vlm_out, self.denoise_step(x_t, t, cache, self.action_layout(prefix_mask))
 
     def target_nll(self, vlm_out, prefix_mask, targets):
         """Next-token cross-entropy of each target token, (B, D).
@@ -139,48 +154,45 @@ class Pi05(Pi0):
 # ----------------------------------------------------------------------------------------------
 # Prompt format (openpi's PaligemmaTokenizer with discrete_state_input) and discrete targets
 
-def discretize_state(state):
-    """Normalized state (about [-1, 1]) -> 256 bins, openpi's edges: values < -1 give -1."""
-    return np.digitize(state, np.linspace(-1, 1, 256 + 1)[:-1]) - 1
-
-
-def tokenize_prompt(sp, prompt, state, max_len, discrete_state=True, indicator=None):
+def tokenize_prompt(sp, prompt, state, max_len, discrete_state=True, condition=None):
     """pi0.5's prompt: BOS + "Task: {prompt}, State: {bins};\\nAction: " (exact strings).
 
     state is the normalized, *unpadded* state. With discrete_state=False (pi05_libero) the
-    prompt is pi0's and the state is not used at all. indicator (RECAP, True / False):
-    "Advantage: positive;\\n" / "negative" between the state and "Action: ", so it conditions
-    the actions and the FAST targets after them.
+    prompt is pi0's and the state is not used at all. condition (e.g. RECAP's "Advantage:
+    positive"): "{condition};\\n" between the state and "Action: ", so it conditions the actions
+    and the FAST targets after them.
     """
     if not discrete_state:
-        return tokenize_prompt_pi0(sp, prompt, max_len, indicator)
+        return tokenize_prompt_pi0(sp, prompt, max_len, condition)
     clean = prompt.strip().replace("_", " ").replace("\n", " ")
-    bins = " ".join(str(b) for b in discretize_state(np.asarray(state, dtype=np.float64)))
-    advantage = "" if indicator is None else f"{indicator_text(indicator)};\n"
-    return pad_tokens(sp.encode(f"Task: {clean}, State: {bins};\n{advantage}Action: ", add_bos=True), max_len)
+    bins = discretize_state(np.asarray(state, dtype=np.float64))
+    return pad_tokens(sp.encode(prompt_text(clean, bins, condition), add_bos=True), max_len)
 
 
-# ----------------------------------------------------------------------------------------------
-# What the registry (models.py) reads from every model file
-
-Config, Model = Pi05Config, Pi05
-FLOW = True
-USE_QUANTILES = True  # openpi normalizes pi0.5's state and actions by their 1st / 99th percentiles
+def prompt_text(task, bins, condition=None):
+    """The text of pi0.5's prompt for a cleaned task and the state's bins."""
+    condition = "" if condition is None else f"{condition};\n"
+    return f"Task: {task}, State: {' '.join(str(b) for b in bins)};\n{condition}Action: "
 
 
-def target_tokenizer(cfg, sp, fast, max_tokens):
-    """Co-training targets (--fast): (prompt, normalized state, normalized unpadded actions) ->
-    {"target_tokens", "target_masks"} (D = max_tokens,): the chunk's FAST ids mapped into the
-    PaliGemma vocabulary, then "|" and EOS, as openpi's pi0-FAST writes its answers (the prompt
-    already ends in "Action: ")."""
+def target_tokenizer(cfg, sp, fast, max_tokens, too_long="truncate"):
+    """Co-training targets (--fast-targets 1): (prompt, normalized state, normalized unpadded
+    actions) -> {"target_tokens", "target_masks"} (D = max_tokens,): the chunk's FAST ids mapped
+    into the PaliGemma vocabulary, then "|" and EOS, as openpi's pi0-FAST writes its answers (the
+    prompt already ends in "Action: "). More than max_tokens: cut with a warning, or with
+    too_long="error" raise."""
     end = sp.encode("|", add_eos=True)
 
     def targets(prompt, state, actions):
         ids = fast.encode(actions, clip=True)  # clip: an outlier is not fatal
         ids = fast_to_paligemma(np.asarray(ids), fast.vocab_size, cfg.vocab_size).tolist() + end
         if len(ids) > max_tokens:
-            raise ValueError(f"a chunk needs {len(ids)} FAST target slots, the batch has {max_tokens} (measured "
-                             f"on the training data at start): is this sample from another dataset?")
+            message = (f"a chunk needs {len(ids)} FAST target slots, the batch has {max_tokens} (measured on the "
+                       f"training data at start): is this sample from another dataset?")
+            if too_long != "truncate":
+                raise ValueError(message)
+            warnings.warn(message + " Truncated.")
+            ids = ids[:max_tokens]
         tokens = np.zeros(max_tokens, np.int64)
         tokens[:len(ids)] = ids
         return {"target_tokens": tokens, "target_masks": np.arange(max_tokens) < len(ids)}
@@ -188,7 +200,7 @@ def target_tokenizer(cfg, sp, fast, max_tokens):
 
 
 def prompt_tokenizer(cfg, sp):
-    """(prompt, normalized state, RECAP indicator) -> (ids, mask), the state as text unless
+    """(prompt, normalized state, condition) -> (ids, mask), the state as text unless
     discrete_state_input=False."""
-    return lambda prompt, state, indicator=None: tokenize_prompt(sp, prompt, state, cfg.max_token_len,
-                                                                 cfg.discrete_state_input, indicator)
+    return lambda prompt, state, condition=None: tokenize_prompt(sp, prompt, state, cfg.max_token_len,
+                                                                 cfg.discrete_state_input, condition)

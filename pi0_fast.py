@@ -25,6 +25,7 @@ A action dim.
 """
 
 import time as timer
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,8 +35,8 @@ import torch.nn.functional as F
 
 from fast_tokenizer import fast_to_paligemma, paligemma_to_fast
 from paligemma import (GEMMA_PRESETS, PALIGEMMA_VOCAB_SIZE, SIGLIP_PRESETS, Gemma, GemmaConfig,
-                       KVCache, SigLIP, SiglipConfig, count_params, make_attn_mask, make_positions,
-                       transformer_flops, vision_flops)
+                       KVCache, SigLIP, SiglipConfig, count_params, discretize_state, embed_prefix,
+                       make_attn_mask, make_positions, transformer_flops, vision_flops)
 
 EOS, BOS, PAD = 1, 2, 0  # PaliGemma's special ids
 
@@ -79,17 +80,11 @@ class Pi0Fast(nn.Module):
         self.llm = Gemma([cfg.llm], cfg.vocab_size)
 
     def embed_inputs(self, batch):
-        """Images then text -> tokens (B, T, W), input mask (B, T), ar mask (B, T)."""
-        images, image_masks = batch["images"], batch["image_masks"]
-        B, V = images.shape[:2]
-        img = self.vision(images.flatten(0, 1))  # (B*V, P_img, W)
-        img = img.view(B, -1, img.shape[-1])  # (B, V*P_img, W)
-        img_mask = image_masks[:, :, None].expand(B, V, img.shape[1] // V).reshape(B, -1)
-        text = self.llm.embed_tokens(batch["tokens"]).to(img.dtype)
+        """Images then text -> tokens (B, T, W), input mask (B, T), ar mask (B, T): the prompt
+        (and the images) bidirectional, the answer (token_ar_masks 1, training) causal."""
+        tokens, mask = embed_prefix(self.vision, self.llm, batch)
         ar = batch.get("token_ar_masks", torch.zeros_like(batch["tokens"]))  # prompt only: all 0
-        tokens = torch.cat([img, text], dim=1)
-        mask = torch.cat([img_mask, batch["token_masks"]], dim=1)
-        ar = torch.cat([torch.zeros_like(img_mask, dtype=ar.dtype), ar], dim=1)
+        ar = torch.cat([torch.zeros(mask.shape[0], mask.shape[1] - ar.shape[1], dtype=ar.dtype, device=ar.device), ar], 1)
         return tokens, mask, ar
 
     def compute_loss(self, batch):
@@ -107,6 +102,10 @@ class Pi0Fast(nn.Module):
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L-1)
         loss_mask = batch["token_loss_masks"][:, 1:].to(nll.dtype)
         return (nll * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1)
+
+    def loss_weights(self):
+        """How forward's terms add up to "loss": the next-token cross-entropy alone."""
+        return {"ce": 1.0}
 
     def forward(self, batch):
         """Training entry point: a dict of scalar losses; "loss" is the one to minimise."""
@@ -179,18 +178,18 @@ def right_align(tokens, mask, attn_mask):
 # ----------------------------------------------------------------------------------------------
 # Prompt format (openpi's FASTTokenizer) and reading actions back out of decoded tokens
 
-def tokenize(sp, fast, prompt, state, actions, max_len, vocab_size=PALIGEMMA_VOCAB_SIZE, clip=False):
+def tokenize(sp, fast, prompt, state, actions, max_len, vocab_size=PALIGEMMA_VOCAB_SIZE, clip=False,
+             too_long="truncate"):
     """One example -> (tokens, token_mask, ar_mask, loss_mask), each (max_len,).
 
     prefix:  BOS + "Task: {prompt}, State: {bins};\\n"          (ar 0, no loss)
     postfix: "Action: " + FAST ids in PaliGemma + "|" + EOS    (ar 1, loss) -- only if actions
     state is the normalized, unpadded state; actions the normalized (C, A) chunk or None.
-    clip=True clips DCT coefficients outside the tokenizer's range instead of raising.
+    clip=True clips DCT coefficients outside the tokenizer's range instead of raising. More than
+    max_len tokens: openpi truncates with a warning (too_long="truncate"), "error" raises.
     """
     clean = prompt.lower().strip().replace("_", " ")
-    # the state as 256 bins of [-1, 1], openpi's edges (as pi05.discretize_state; values < -1 give -1)
-    bins = np.digitize(np.asarray(state, dtype=np.float64), np.linspace(-1, 1, 256 + 1)[:-1]) - 1
-    bins = " ".join(str(b) for b in bins)
+    bins = " ".join(str(b) for b in discretize_state(np.asarray(state, dtype=np.float64)))
     prefix = sp.encode(f"Task: {clean}, State: {bins};\n", add_bos=True)
     postfix = []
     if actions is not None:
@@ -198,10 +197,13 @@ def tokenize(sp, fast, prompt, state, actions, max_len, vocab_size=PALIGEMMA_VOC
         postfix = sp.encode("Action: ") + fast_ids.tolist() + sp.encode("|", add_eos=True)
     ids = prefix + postfix
     if len(ids) > max_len:
-        raise ValueError(f"{len(ids)} tokens ({len(postfix)} for the actions) exceed max_token_len="
-                         f"{max_len}: raise it, or fit a FAST tokenizer that compresses more")
-    n = len(ids)
-    pad = lambda xs: np.array(xs + [0] * (max_len - len(xs)))
+        message = (f"{len(ids)} tokens ({len(postfix)} for the actions) exceed max_token_len={max_len}: raise it, "
+                   f"or use a FAST tokenizer that compresses more")
+        if too_long != "truncate":
+            raise ValueError(message)
+        warnings.warn(message + "; truncated, as openpi does")
+    n = min(len(ids), max_len)
+    pad = lambda xs: np.array(xs[:max_len] + [0] * (max_len - len(xs)))
     return (pad(ids).astype(np.int64), np.arange(max_len) < n,
             pad([0] * len(prefix) + [1] * len(postfix)).astype(np.int64),
             pad([0] * len(prefix) + [1] * len(postfix)).astype(bool))
@@ -234,21 +236,13 @@ def extract_actions(sp, fast, tokens, horizon, action_dim, vocab_size=PALIGEMMA_
     return chunk.astype(np.float32), valid
 
 
-# ----------------------------------------------------------------------------------------------
-# What the registry (models.py) reads from every model file
-
-Config, Model = Pi0FastConfig, Pi0Fast
-FLOW = False          # next-token prediction; state and actions keep the robot's own width
-USE_QUANTILES = True  # openpi's pi0-FAST normalizes by quantiles
-
-
-def target_tokenizer(cfg, sp, fast, max_tokens=None):
+def target_tokenizer(cfg, sp, fast, max_tokens=None, too_long="truncate"):
     """Training tokens: (prompt, normalized state, normalized actions) -> the prompt *with* its
     answer, "Action: " + FAST tokens + "|" EOS, as a causal postfix with a loss mask
     (tokenize above, openpi's exact format); replaces the prompt-only tokens."""
     def targets(prompt, state, actions):
         tokens, mask, ar, loss = tokenize(sp, fast, prompt, state, actions, cfg.max_token_len,
-                                          cfg.vocab_size, clip=True)
+                                          cfg.vocab_size, clip=True, too_long=too_long)
         return {"tokens": tokens, "token_masks": mask, "token_ar_masks": ar, "token_loss_masks": loss}
     return targets
 

@@ -112,15 +112,15 @@ def test_garbage_tokens_raise_or_are_flagged(fitted):
 
 def test_paligemma_mapping():
     ids = np.arange(2048)
-    pg = fast_to_paligemma(ids)
+    pg = fast_to_paligemma(ids, 2048, 257152)
     assert pg[0] == 257023 and pg[-1] == 257023 - 2047
-    np.testing.assert_array_equal(paligemma_to_fast(pg), ids)
+    np.testing.assert_array_equal(paligemma_to_fast(pg, 2048, 257152), ids)
     assert fast_to_paligemma([0, 5], fast_vocab_size=1024, vocab_size=1000).tolist() == [871, 866]
     for bad in ([-1], [2048]):
         with pytest.raises(ValueError, match="FAST ids"):
-            fast_to_paligemma(bad)
+            fast_to_paligemma(bad, 2048, 257152)
     for bad in ([257024], [257023 - 2048], [0]):
         with pytest.raises(ValueError, match="not FAST tokens"):
-            paligemma_to_fast(bad)
+            paligemma_to_fast(bad, 2048, 257152)
     torch = pytest.importorskip("torch")
-    assert paligemma_to_fast(fast_to_paligemma(torch.tensor([3, 7]))).tolist() == [3, 7]
+    assert paligemma_to_fast(fast_to_paligemma(torch.tensor([3, 7]), 2048, 257152), 2048, 257152).tolist() == [3, 7]

@@ -1,7 +1,7 @@
 """The universal FAST tokenizer's format (fast_universal.py): the GPT-2 regex split against HF
 `tokenizers`' pieces, hand-made HF `physical-intelligence/fast` directories with hand-computed ids,
 refused settings, and one parity test against HuggingFace `tokenizers` when it is installed. The
-directories are read through FASTTokenizer.load, the way train.py and infer.py read them."""
+directories are read through load_tokenizer, the way train.py and policy.py read them."""
 
 import json
 import os
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fast_tokenizer import FASTTokenizer, dct, idct
-from fast_universal import BYTE_TO_CHAR, _gpt2_split
+from fast_tokenizer import dct, idct
+from fast_universal import BYTE_TO_CHAR, _gpt2_split, load_tokenizer
 
 
 # -- the HF format: a ByteLevel BPE over chr(symbol), spelled in GPT-2's byte alphabet -----------
@@ -63,11 +63,11 @@ def test_hf_ascii_case_with_regex_split(tmp_path):
     chunk = chunk_with_coefficients([[1, 0], [0, 0], [0, -1], [0, 0]])  # (C=4, A=2)
     # flattened frequency-major: 1 0 0 0 0 -1 0 0 -> "baaaa`aa"; the GPT-2 regex splits it into
     # "baaaa" | "`" | "aa", so the merge "` aa" cannot apply: [b, aaaa] [`] [aa]
-    tok = FASTTokenizer.load(write_hf(tmp_path / "regex", vocab, merges, min_token=-97))
+    tok = load_tokenizer(write_hf(tmp_path / "regex", vocab, merges, min_token=-97))
     assert tok.encode(chunk) == [2, 5, 0, 4]
     np.testing.assert_allclose(tok.decode([2, 5, 0, 4], action_dim=2), chunk, atol=1e-12)
     # without the regex the string is one word, and "` aa" merges
-    flat = FASTTokenizer.load(write_hf(tmp_path / "flat", vocab, merges, -97, use_regex=False))
+    flat = load_tokenizer(write_hf(tmp_path / "flat", vocab, merges, -97, use_regex=False))
     assert flat.encode(chunk) == [2, 5, 7]
 
 
@@ -76,7 +76,7 @@ def test_hf_multibyte_case(tmp_path):
     # spelled 'Å¢' in the byte alphabet; +1 -> 'ţ' = C5 A3 -> 'Å£'; -354 -> chr(0) = byte 0 -> 'Ā'
     assert BYTE_TO_CHAR[0xC5] + BYTE_TO_CHAR[0xA2] == "Å¢" and BYTE_TO_CHAR[0] == "Ā"
     vocab = {"Å": 0, "¢": 1, "£": 2, "Ā": 3, "Å¢": 4, "Å¢Å¢": 5}
-    tok = FASTTokenizer.load(write_hf(tmp_path / "hf", vocab, ["Å ¢", "Å¢ Å¢"], min_token=-354))
+    tok = load_tokenizer(write_hf(tmp_path / "hf", vocab, ["Å ¢", "Å¢ Å¢"], min_token=-354))
     chunk = chunk_with_coefficients([[1, 0], [0, 0], [0, 0], [0, 0]])
     # "ţ" + 7 x "Ţ": Å £ then (Å ¢) x 7 -> Å £ Å¢ x 7 -> Å £ (Å¢Å¢) x 3 Å¢
     assert tok.encode(chunk) == [0, 2, 5, 5, 5, 4]
@@ -99,9 +99,9 @@ def test_hf_unsupported_options_raise(tmp_path):
     for name, overrides in [("add_prefix_space", {"pre_tokenizer": prefix}),
                             ("normalizer", {"normalizer": {"type": "NFC"}})]:
         with pytest.raises(ValueError, match=name):
-            FASTTokenizer.load(write_hf(tmp_path / name, vocab, merges, -97, **overrides))
+            load_tokenizer(write_hf(tmp_path / name, vocab, merges, -97, **overrides))
     with pytest.raises(ValueError, match="does not match"):
-        FASTTokenizer.load(write_hf(tmp_path / "merge", vocab, ["a b"], -97))  # "ab" not in the vocab
+        load_tokenizer(write_hf(tmp_path / "merge", vocab, ["a b"], -97))  # "ab" not in the vocab
 
 
 def test_hf_parity_with_tokenizers_library(tmp_path):
@@ -118,7 +118,7 @@ def test_hf_parity_with_tokenizers_library(tmp_path):
     bpe._tokenizer.train_from_iterator(("".join(map(chr, s - lo)) for s in q), trainer=trainer)
     path = write_hf(tmp_path / "trained", {}, [], min_token=int(lo), scale=10)
     bpe.save(os.path.join(path, "tokenizer.json"))  # replaces the empty one
-    tok = FASTTokenizer.load(path)
+    tok = load_tokenizer(path)
     for chunk, symbols in zip(chunks[:100], q[:100] - lo):
         ids = bpe.encode("".join(map(chr, symbols))).ids
         assert tok.encode(chunk) == ids

@@ -1,4 +1,4 @@
-"""infer.py: the fast sampler against the readable one, and the benchmark command."""
+"""infer.py: the compiled sampler against the readable one, and the benchmark command."""
 
 import json
 import os
@@ -27,10 +27,10 @@ def tiny_model(module, cls):
 
 
 @pytest.mark.parametrize("module, cls", [(pi0, pi0.Pi0), (pi05, pi05.Pi05)], ids=["pi0", "pi05"])
-def test_fast_sampler_matches_readable(module, cls):
+def test_compiled_sampler_matches_readable(module, cls):
     model = tiny_model(module, cls)
     cfg = model.cfg
-    sampler = infer.FastSampler(model)
+    sampler = infer.CompiledSampler(model)
     for seed in (0, 1):  # a second observation reuses the static buffers
         batch = random_batch(cfg, B=2, seed=seed, actions=False)  # padded prompts, a masked camera
         assert not batch["token_masks"].all() and not batch["image_masks"].all()
@@ -41,11 +41,11 @@ def test_fast_sampler_matches_readable(module, cls):
 
 @pytest.mark.skipif(not os.environ.get("INFER_COMPILE_TEST"),
                     reason="torch.compile takes ~150 s on a 2-core CPU; set INFER_COMPILE_TEST=1")
-def test_compiled_sampler_matches_readable():
+def test_torch_compiled_sampler_matches_readable():
     model = tiny_model(pi05, pi05.Pi05)
     batch = random_batch(model.cfg, B=2, actions=False)
     noise = torch.randn(2, model.cfg.action_horizon, model.cfg.action_dim)
-    sampler = infer.FastSampler(model, compile_mode="default")
+    sampler = infer.CompiledSampler(model, compile_mode="default")
     torch.testing.assert_close(sampler(batch, noise), model.sample_actions(batch, noise=noise), rtol=0, atol=1e-5)
 
 
@@ -92,7 +92,7 @@ def test_bf16_serving_holds_bf16_weights_and_casts_none_per_call(module, cls, tm
     assert keep and {n for n, p in model.named_parameters() if p.dtype == torch.float32} == keep
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in keep)
     batch = random_batch(model.cfg, B=2, actions=False)
-    sampler = infer.FastSampler(model, dtype=torch.bfloat16)
+    sampler = infer.CompiledSampler(model, dtype=torch.bfloat16)
     for run in (lambda: sampler(batch),
                 lambda: model.sample_actions(batch)):
         with torch.autocast("cpu", dtype=torch.bfloat16), CountParameterCasts(model) as counter:
@@ -113,7 +113,7 @@ def test_bf16_actions_match_fp32_within_bf16_tolerance(module, cls, tmp_path):
     batch = random_batch(fp32.cfg, B=2, actions=False)
     noise = torch.randn(2, fp32.cfg.action_horizon, fp32.cfg.action_dim, generator=torch.Generator().manual_seed(0))
     expected = fp32.sample_actions(batch, noise=noise)
-    got = infer.FastSampler(bf16, dtype=torch.bfloat16)(batch, noise)
+    got = infer.CompiledSampler(bf16, dtype=torch.bfloat16)(batch, noise)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=0.05)
     assert not torch.equal(got, expected)  # it did run in bf16

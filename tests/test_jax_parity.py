@@ -65,10 +65,10 @@ def test_suffix_embedding(setup):
     assert_close(noise - batch["actions"], out["suffix/u_t"], *TOL["suffix_in"])
     assert_close(posemb_sincos(time, model.cfg.expert.width), out["suffix/time_posemb"], *TOL["suffix_in"])
     assert_close(model.action_in_proj(x_t), out["suffix/action_in_proj"], *TOL["suffix_in"])
-    tokens, mask, ar, cond = model.embed_suffix(batch["state"], x_t, time)
+    tokens, mask, ar = model.embed_suffix(batch["state"], x_t, time)
     assert_close(tokens, out["suffix/tokens"], *TOL["suffix_in"])
     if "suffix/adarms_cond" in out:
-        assert_close(cond, out["suffix/adarms_cond"], *TOL["suffix_in"])
+        assert_close(model.time_conditioning(time), out["suffix/adarms_cond"], *TOL["suffix_in"])
     np.testing.assert_array_equal(mask.numpy(), out["suffix/input_mask"])
     np.testing.assert_array_equal(ar.numpy(), out["suffix/ar_mask"])
 
@@ -78,7 +78,8 @@ def test_joint_pass_and_loss(setup):
     out = fx.outputs
     noise, time, x_t = suffix_inputs(fx, model, batch)
     prefix, prefix_mask, prefix_ar = model.embed_prefix(batch)
-    suffix, suffix_mask, suffix_ar, cond = model.embed_suffix(batch["state"], x_t, time)
+    suffix, suffix_mask, suffix_ar = model.embed_suffix(batch["state"], x_t, time)
+    cond = model.time_conditioning(time)
     mask = torch.cat([prefix_mask, suffix_mask], 1)
     attn_mask = make_attn_mask(mask, torch.cat([prefix_ar, suffix_ar]))
     positions = make_positions(mask)
@@ -117,11 +118,11 @@ def test_sample_actions(setup, num_steps):
     times, dt = euler_times(num_steps)
     np.testing.assert_allclose(np.float32(times), out[f"{key}/time_trajectory"], rtol=0, atol=1e-6)
     # replay the loop step by step against the recorded trajectory ...
-    prefix_mask, kv = model.prefill(batch)
+    kv, layout = model.prefill(batch)
     x = noise
     for i, t in enumerate(times):
         assert_close(x, out[f"{key}/x_trajectory"][i], *TOL["sample"], f"x step {i}")
-        v = model.denoise_step(batch["state"], prefix_mask, kv, x, torch.full((x.shape[0],), t))
+        v = model.denoise_step(x, t, kv, layout)
         assert_close(v, out[f"{key}/v_trajectory"][i], *TOL["suffix_out"], f"v step {i}")
         x = x + dt * v
     # ... and the public sampler end to end
@@ -131,14 +132,18 @@ def test_sample_actions(setup, num_steps):
 
 
 def test_suffix_positions_and_mask_of_cached_path(setup):
-    """The positions and [suffix, prefix + suffix] mask the KV-cache path uses."""
+    """The positions and [suffix, prefix + suffix] mask of openpi's KV-cache path: its action rows
+    are our action layout; pi0's state row (cached once by our prefill) sees the prefix and itself."""
     fx, model, batch = setup
     out = fx.outputs
     prefix_mask = torch.from_numpy(out["prefix/input_mask"])
-    _, suffix_mask, suffix_ar, _ = model.embed_suffix(
-        batch["state"], batch["actions"], torch.ones(batch["state"].shape[0]))
-    B, S = suffix_mask.shape
-    mask = torch.cat([prefix_mask[:, None, :].expand(B, S, -1), make_attn_mask(suffix_mask, suffix_ar)], 2)
-    np.testing.assert_array_equal(mask.numpy(), out["sample/suffix_full_attn_mask"])
-    positions = prefix_mask.sum(-1, keepdim=True) + make_positions(suffix_mask)
-    np.testing.assert_array_equal(positions.numpy(), out["sample/suffix_positions"])
+    mask, positions = model.action_layout(prefix_mask)
+    n_state = int(model.state_token)
+    np.testing.assert_array_equal(mask.numpy(), out["sample/suffix_full_attn_mask"][:, n_state:])
+    np.testing.assert_array_equal(positions.numpy(), out["sample/suffix_positions"][:, n_state:])
+    if n_state:
+        P = prefix_mask.shape[1]
+        state_row = torch.cat([prefix_mask, torch.ones_like(prefix_mask[:, :1])], 1).numpy()
+        np.testing.assert_array_equal(state_row, out["sample/suffix_full_attn_mask"][:, 0, :P + 1])
+        assert not out["sample/suffix_full_attn_mask"][:, 0, P + 1:].any()  # the state never sees the actions
+        np.testing.assert_array_equal(prefix_mask.sum(-1).numpy(), out["sample/suffix_positions"][:, 0])

@@ -9,7 +9,9 @@ import torch
 from conftest import random_batch
 
 from convert_jax import load_openpi_params
-from pi05 import CONFIGS, Pi05, Pi05Config, discretize_state, tokenize_prompt
+import pi05
+from paligemma import discretize_state
+from pi05 import CONFIGS, Pi05, Pi05Config, tokenize_prompt
 
 
 def tiny(**overrides):
@@ -77,6 +79,19 @@ def test_expert_cannot_see_the_discrete_targets():
     batch["target_tokens"] = (batch["target_tokens"] + 7) % model.cfg.vocab_size
     assert model(batch, noise, time)["flow"] == flow  # bit for bit
     assert model(batch, noise, time)["ce"] != ce
+
+
+def test_joint_and_insulated_passes_give_the_same_losses():
+    # one joint pass (openpi's) and knowledge insulation's two passes through a cache compute the
+    # same function; only the gradients differ (the stop-gradient)
+    model = tiny(dropout=0.0).eval()
+    batch = with_targets(random_batch(model.cfg), model.cfg)
+    noise, time = torch.randn_like(batch["actions"]), torch.tensor([0.4, 0.9])
+    joint = model(batch, noise, time)
+    model.cfg.knowledge_insulation = True
+    insulated = model(batch, noise, time)
+    for k in ("flow", "ce", "loss"):
+        torch.testing.assert_close(insulated[k], joint[k], rtol=1e-6, atol=1e-6)
 
 
 def test_flow_loss_equals_openpi_without_targets(jax_fixture):
@@ -165,3 +180,15 @@ def test_flow_loss_keeps_padded_dims_and_drops_padded_steps():
     batch["action_masks"][1] = False  # example 1 has no actions: only example 0's steps count
     one = {k: v[:1] for k, v in batch.items() if k != "action_masks"}
     torch.testing.assert_close(model(batch, noise, time)["flow"], model(one, noise[:1], time[:1])["flow"])
+
+
+def test_a_prompt_condition_sits_after_task_and_state_and_before_the_actions(tiny_sp):
+    """A condition (e.g. RECAP's advantage indicator) goes where it conditions the actions and
+    pi0.5's FAST targets after them; in pi0's prompt, on its own line after the task."""
+    import pi0
+    ids, mask = pi05.tokenize_prompt(tiny_sp, "pick up the red block", np.array([0.0, 0.5]), 64,
+                                     condition="Advantage: positive")
+    text = tiny_sp.decode(ids[mask].tolist())
+    assert text.endswith("State: 128 192;\nAdvantage: positive;\nAction: ")
+    ids, mask = pi0.tokenize_prompt(tiny_sp, "pick up the red block", 64, condition="Advantage: negative")
+    assert tiny_sp.decode(ids[mask].tolist()) == "pick up the red block\nAdvantage: negative\n"

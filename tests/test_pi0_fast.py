@@ -96,9 +96,12 @@ def test_prompt_and_action_round_trip(tiny_sp):
     actions, valid = extract_actions(tiny_sp, fast, tokens[p:n], 6, 8, vocab_size=1024)
     assert valid
     assert np.abs(actions - chunk).max() < 0.5 / fast.scale * np.sqrt(6 * 8)  # quantization only
-    # no prompt-only example is cut silently: an answer that does not fit raises
+    # an answer that does not fit: openpi truncates it, and says so; too_long="error" raises
+    with pytest.warns(UserWarning, match=f"{n} tokens .* exceed max_token_len={n - 1}.*truncated, as openpi does"):
+        cut = tokenize(tiny_sp, fast, "pick up the cup", state, chunk, max_len=n - 1, vocab_size=1024)
+    assert cut[0].tolist() == tokens[:n - 1].tolist() and cut[1].all()
     with pytest.raises(ValueError, match="max_token_len"):
-        tokenize(tiny_sp, fast, "pick up the cup", state, chunk, max_len=n - 1, vocab_size=1024)
+        tokenize(tiny_sp, fast, "pick up the cup", state, chunk, max_len=n - 1, vocab_size=1024, too_long="error")
 
 
 def test_garbage_answers_are_flagged_not_zeroed(tiny_sp):

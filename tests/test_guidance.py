@@ -1,6 +1,7 @@
-"""Real-time chunking, inference-time guidance (pi0.py's RTCGuidance): the mask and weight
-against the paper's values, reductions to plain sampling, the pull toward the committed actions,
-and the fast sampler equal to the readable one with guidance on."""
+"""guidance.py: real-time chunking (the mask and weight against the paper's values, reductions to
+plain sampling, the pull toward the committed actions, committed steps of a model trained for
+them), the compiled sampler equal to the readable one with every guide on, and the robot's side
+(Policy's leftover, RealTimeChunker). Classifier-free guidance: tests/test_policy.py."""
 
 import math
 
@@ -8,10 +9,13 @@ import pytest
 import torch
 from conftest import random_batch
 
+import guidance
 import infer
+import models
 import pi0
 import pi05
-from pi0 import RTCGuidance, euler_times, rtc_guidance_weight, rtc_mask
+from guidance import rtc_guidance_weight, rtc_mask
+from pi0 import euler_times
 
 
 def test_soft_mask_matches_the_paper():
@@ -40,7 +44,7 @@ def test_guidance_weight_is_symmetric_capped_and_two_at_half():
 
 def tiny(module):
     torch.manual_seed(0)
-    model = module.Model(module.CONFIGS["tiny"]).eval()
+    model = models.build(module.CONFIGS["tiny"]).eval()
     for name, p in model.named_parameters():  # adaRMS starts at zero: make pi0.5's time matter
         if "dense" in name:
             p.data.normal_(0, 0.1)
@@ -63,8 +67,8 @@ def test_zero_weights_equal_plain_sampling(module):
     target = torch.randn_like(noise)
     plain = model.sample_actions(batch, noise=noise)
     for jacobian in ("full", "identity"):
-        rtc = RTCGuidance(target, torch.zeros(model.cfg.action_horizon), beta=5.0, jacobian=jacobian)
-        torch.testing.assert_close(model.sample_actions(batch, noise=noise, rtc=rtc), plain, rtol=0, atol=1e-6)
+        rtc = guidance.rtc(target, torch.zeros(model.cfg.action_horizon), beta=5.0, jacobian=jacobian)
+        torch.testing.assert_close(model.sample_actions(batch, noise=noise, guide=rtc), plain, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("module", [pi0, pi05], ids=["pi0", "pi05"])
@@ -76,21 +80,25 @@ def test_guidance_pulls_the_frozen_steps_to_the_committed_actions(module, jacobi
     C, A = model.cfg.action_horizon, model.cfg.action_dim
     target = torch.randn(2, C, A, generator=torch.Generator().manual_seed(2))
     plain = model.sample_actions(batch, noise=noise)
-    rtc = RTCGuidance(target, rtc_mask(C, delay=2, overlap_end=4), beta=10.0, jacobian=jacobian)
-    guided = model.sample_actions(batch, noise=noise, rtc=rtc)
+    rtc = guidance.rtc(target, rtc_mask(C, delay=2, overlap_end=4), beta=10.0, jacobian=jacobian)
+    guided = model.sample_actions(batch, noise=noise, guide=rtc)
     before = (plain[:, :2] - target[:, :2]).abs().mean()
     after = (guided[:, :2] - target[:, :2]).abs().mean()
     assert after < 0.3 * before, (before, after)
 
 
 @pytest.mark.parametrize("module", [pi0, pi05], ids=["pi0", "pi05"])
-def test_fast_sampler_with_guidance_equals_the_readable_one(module):
+def test_compiled_sampler_with_every_guide_equals_the_readable_one(module):
     model, batch, noise = tiny_with_inputs(module, seed=3)
     C, A = model.cfg.action_horizon, model.cfg.action_dim
     dims = (torch.arange(A) < 2).float()  # the robot's 2 real dims; padded dims get no guidance
-    rtc = RTCGuidance(torch.randn(2, C, A), rtc_mask(C, 2, 4)[None, :, None] * dims, beta=5.0)
-    torch.testing.assert_close(infer.FastSampler(model)(batch, noise, rtc=rtc),
-                               model.sample_actions(batch, noise=noise, rtc=rtc), rtol=0, atol=1e-5)
+    target = torch.randn(2, C, A)
+    conditioned = dict(batch, uncond_tokens=batch["tokens"].flip(1), uncond_token_masks=batch["token_masks"].flip(1))
+    for guide, b in ((guidance.rtc(target, rtc_mask(C, 2, 4)[None, :, None] * dims, beta=5.0), batch),
+                     (guidance.committed(target, torch.tensor([3, 1])), batch),
+                     (guidance.cfg(2.0), guidance.cfg_batch(conditioned))):
+        torch.testing.assert_close(infer.CompiledSampler(model)(b, noise, guide=guide),
+                                   model.sample_actions(b, noise=noise, guide=guide), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,8 +111,9 @@ def test_delayed_switching_executes_what_a_robot_would(monkeypatch):
     import numpy as np
 
     import sim
-    executed, step = [], sim.ReachEnv.step
-    monkeypatch.setattr(sim.ReachEnv, "step", lambda self, a: (executed.append(tuple(a.tolist())), step(self, a))[1])
+    import tasks
+    executed, step = [], tasks.ReachEnv.step
+    monkeypatch.setattr(tasks.ReachEnv, "step", lambda self, a: (executed.append(tuple(a.tolist())), step(self, a))[1])
 
     class Counting:
         calls, seen = 0, []
@@ -125,46 +134,6 @@ def test_delayed_switching_executes_what_a_robot_would(monkeypatch):
         sim.evaluate(Counting(), "builtin", 1, n_action_steps=4, delay=3, progress=False)
 
 
-def test_the_sweep_runs_other_environments():
-    """rtc_sweep drives any sim env through the same delayed loop (here gym-pusht's)."""
-    import numpy as np
-
-    import sim
-    pytest.importorskip("gym_pusht")
-
-    class Hold:  # heads for the table's centre; a new chunk is 1 px further right each call
-        calls = 0
-
-        def infer_batch(self, observations, noise=None, **rtc):
-            self.calls += 1
-            return np.full((len(observations), 6, 2), 256.0, np.float32) + [self.calls, 0]
-
-    rows = sim.rtc_sweep(Hold(), [0, 2], episodes=2, env_name="pusht", env_kwargs={"max_steps": 8})
-    assert [(r["delay"], r["method"]) for r in rows] == [(0, "naive"), (0, "rtc"), (2, "naive"), (2, "rtc")]
-    assert all(r["mean_length"] == 8 for r in rows) and rows[0]["mean_jump"] == pytest.approx(1.0)
-
-
-def test_the_whole_study_is_one_command(tmp_path, monkeypatch):
-    """sim.py rtc without a checkpoint trains the model plainly and with training-time RTC, then
-    sweeps the three methods into one table, rtc.json and rtc.png; a second run reuses both."""
-    import json
-
-    import sim
-    monkeypatch.chdir(tmp_path)  # the built-in demos land in ./runs/builtin_demos; train.py is found beside sim.py
-    argv = ["rtc", "--out", str(tmp_path / "study"), "--delays", "0", "2", "--episodes", "3", "--steps", "2",
-            "--chunk", "6", "--train-args", "--demo-episodes 12 --batch-size 4 --warmup 1"]
-    sim.main(argv)
-    result = json.loads((tmp_path / "study" / "rtc.json").read_text())
-    assert [(r["delay"], r["method"]) for r in result["rows"]] == [
-        (0, "naive"), (0, "rtc"), (2, "naive"), (2, "rtc"), (0, "trained"), (2, "trained")]
-    policy = json.loads((tmp_path / "study" / "trained" / "final" / "policy.json").read_text())
-    assert policy["rtc_max_delay"] == 2 and (tmp_path / "study" / "rtc.png").exists()
-    assert json.loads((tmp_path / "study" / "plain" / "final" / "policy.json").read_text())["rtc_max_delay"] == 0
-    stamp = (tmp_path / "study" / "plain" / "final" / "model.safetensors").stat().st_mtime_ns
-    sim.main(argv)  # resumes: nothing retrained
-    assert (tmp_path / "study" / "plain" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
-
-
 def test_policy_guidance_is_normalized_and_spares_padded_dims(tmp_path):
     """Policy turns the previous chunk (robot units) into the model's space: leftover prev[s:],
     normalized with the checkpoint's stats, zero weight on the padded dims and past the overlap."""
@@ -177,15 +146,15 @@ def test_policy_guidance_is_normalized_and_spares_padded_dims(tmp_path):
     obs = dict(libero_obs(np.random.default_rng(0)), **{"observation/state": np.zeros(8, np.float32)})
     states = np.zeros((1, 8), np.float32)  # the state in the model's space
     prev = np.tile(np.arange(7, dtype=np.float32) * 0.1 + 0.5, (1, 6, 1))  # one std above the mean
-    g = policy.rtc_guidance(states, prev, delay=1, execution_horizon=2)
-    assert g.target.shape == (1, 6, 8)
-    torch.testing.assert_close(g.target[0, :, :7], torch.ones(6, 7), atol=1e-4, rtol=0)
-    assert g.target[0, :, 7].abs().max() == 0 and g.weights[0, :, 7].abs().max() == 0
-    assert g.weights[0, :, 0].tolist()[4:] == [0, 0] and g.weights[0, 0, 0] == 1  # overlap C - s = 4
+    target, weights = policy.rtc_leftover(states, prev, 1, 2), policy.rtc_weights(delay=1, execution_horizon=2)
+    assert target.shape == (1, 6, 8)
+    torch.testing.assert_close(target[0, :, :7], torch.ones(6, 7), atol=1e-4, rtol=0)
+    assert target[0, :, 7].abs().max() == 0 and weights[0, :, 7].abs().max() == 0
+    assert weights[0, :, 0].tolist()[4:] == [0, 0] and weights[0, 0, 0] == 1  # overlap C - s = 4
     out = policy.infer_batch([obs], prev_actions=prev, delay=1, execution_horizon=2)
     assert out.shape == (1, 6, 7) and np.isfinite(out).all()
     with pytest.raises(ValueError, match="delay"):
-        policy.rtc_guidance(states, prev, delay=3, execution_horizon=2)
+        policy.realtime(states, prev, delay=3, execution_horizon=2)
 
 
 def test_real_time_chunker_bookkeeping_of_delay_and_horizon():
@@ -252,11 +221,11 @@ def test_committed_prefix_is_clean_at_time_zero_and_out_of_the_loss(module):
 def test_per_token_time_constant_over_tokens_equals_the_scalar_time():
     model = tiny(pi05)
     batch = random_batch(model.cfg, B=2, actions=False)
-    prefix_mask, cache = model.prefill(batch)
+    cache, layout = model.prefill(batch)
     x = torch.randn(2, model.cfg.action_horizon, model.cfg.action_dim)
     t = torch.tensor([0.3, 0.9])
-    a = model.denoise_step(None, prefix_mask, cache, x, t)
-    b = model.denoise_step(None, prefix_mask, cache, x, t[:, None].expand(-1, model.cfg.action_horizon))
+    a = model.denoise_step(x, t, cache, layout)
+    b = model.denoise_step(x, t[:, None].expand(-1, model.cfg.action_horizon), cache, layout)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -266,10 +235,14 @@ def test_sampling_continues_the_committed_steps_and_the_fast_sampler_agrees(modu
     C, A = model.cfg.action_horizon, model.cfg.action_dim
     clean = torch.randn(2, C, A, generator=torch.Generator().manual_seed(5))
     delay = torch.tensor([3, 1])
-    out = model.sample_actions(batch, noise=noise, committed=(clean, delay))
-    assert torch.equal(out[0, :3], clean[0, :3]) and torch.equal(out[1, :1], clean[1, :1])
-    torch.testing.assert_close(infer.FastSampler(model)(batch, noise, committed=(clean, delay)), out, rtol=0, atol=1e-5)
-    zero = model.sample_actions(batch, noise=noise, committed=(clean, torch.zeros(2, dtype=torch.long)))
+    out = model.sample_actions(batch, noise=noise, guide=guidance.committed(clean, delay))
+    # the committed steps ride the straight path to their clean value: they end on it, to rounding
+    torch.testing.assert_close(out[0, :3], clean[0, :3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1, :1], clean[1, :1], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[0, 3:], clean[0, 3:], atol=1e-2)  # the free steps are sampled
+    torch.testing.assert_close(infer.CompiledSampler(model)(batch, noise, guide=guidance.committed(clean, delay)), out,
+                               rtol=0, atol=1e-5)
+    zero = model.sample_actions(batch, noise=noise, guide=guidance.committed(clean, torch.zeros(2, dtype=torch.long)))
     torch.testing.assert_close(zero, model.sample_actions(batch, noise=noise), rtol=0, atol=1e-6)
 
 
@@ -298,7 +271,7 @@ def test_training_with_a_committed_prefix_exports_a_policy_that_continues_it(tmp
     assert res.returncode == 0, res.stderr[-3000:]
     final = tmp_path / "run" / "final"
     assert json.loads((final / "policy.json").read_text())["rtc_max_delay"] == 2
-    policy = Policy(final, fast=True)
+    policy = Policy(final, compiled=True)
     obs = {"images": {"top": rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)}, "state": np.zeros(3, np.float32),
            "prompt": "reach"}
     prev = rng.normal(size=(1, 6, 2)).astype(np.float32)
@@ -311,11 +284,35 @@ def test_training_with_a_committed_prefix_exports_a_policy_that_continues_it(tmp
 def test_prefix_share_leaves_that_share_of_samples_a_prefix_draw():
     """--rtc-prefix-share p: only a share p of the samples draw a committed prefix (the rest train
     unconditioned); p = 1 draws exactly the delays of runs before the flag."""
-    import train
-    full = train.draw_delays(5, 4000, 3, 0, "cpu")
+    import train_step
+    full = train_step.draw_delays(5, 4000, 3, 0, "cpu")
     g = torch.Generator().manual_seed(0 * 1_000_003 + 5 + 7_777_777)
     assert torch.equal(full, torch.randint(0, 4, (4000,), generator=g))
-    some = train.draw_delays(5, 4000, 3, 0, "cpu", share=0.3)
+    some = train_step.draw_delays(5, 4000, 3, 0, "cpu", share=0.3)
     kept = some != 0
     assert torch.equal(some[kept], full[kept])  # the same draws where a prefix is kept
     assert abs(kept.float().mean().item() - 0.3 * 3 / 4) < 0.03  # a share 0.3, of which 3/4 are non-zero
+
+
+@pytest.mark.parametrize("name", ["pi0", "pi05"])
+def test_cfg_with_beta_one_is_plain_conditioned_sampling(name):
+    torch.manual_seed(0)
+    cfg = models.preset(name, "tiny")
+    model = models.build(cfg).eval()
+    with torch.no_grad():  # some projections start at zero: give every weight a say in the output
+        for p_ in model.parameters():
+            p_.add_(torch.randn_like(p_) * 0.05)
+    batch = random_batch(cfg, B=2, actions=False)
+    uncond = random_batch(cfg, B=2, seed=1, actions=False)
+    batch.update(uncond_tokens=uncond["tokens"], uncond_token_masks=uncond["token_masks"])
+    both = guidance.cfg_batch(batch)
+    noise = torch.randn(2, cfg.action_horizon, cfg.action_dim)
+    plain = model.sample_actions(batch, noise, num_steps=4)
+    guided = model.sample_actions(both, noise, num_steps=4, guide=guidance.cfg(1.0))
+    unconditioned = model.sample_actions(dict(batch, tokens=uncond["tokens"], token_masks=uncond["token_masks"]),
+                                         noise, num_steps=4)
+    zero = model.sample_actions(both, noise, num_steps=4, guide=guidance.cfg(0.0))
+    strong = model.sample_actions(both, noise, num_steps=4, guide=guidance.cfg(3.0))
+    torch.testing.assert_close(guided, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(zero, unconditioned, atol=1e-5, rtol=0)  # beta 0: the unconditioned policy
+    assert (strong - plain).abs().max() > 1e-4
