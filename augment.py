@@ -21,7 +21,7 @@ A view is a wrist view when its camera name contains "wrist" (openpi's rule). Th
 come from a generator the caller seeds (train.py: by seed and step, over the whole global batch),
 so a resumed run augments exactly as the uninterrupted one, and N ranks as one process.
 
-Axis legend (paligemma.py's): B examples, V views, H x W pixels.
+Axis legend (paligemma.py's): B examples, V views, R image side.
 """
 
 import math
@@ -34,15 +34,17 @@ JITTER = dict(brightness=0.3, contrast=0.4, hue=0.1)  # saturation 0.5: augmax's
 JITTER_P = 0.5
 
 
-def draw(batch, views, generator):
-    """The random numbers of one batch: {name: (B, V)} tensors in [0, 1) (uniform), drawn in a
-    fixed order so that they depend on nothing but the generator."""
+def draw(batch, generator):
+    """The random numbers of one batch: {name: (B,)} tensors in [0, 1) (uniform), drawn in a fixed
+    order so that they depend on nothing but the generator. One set per example serves every
+    camera, as openpi's per-example keys do: the same crop and rotation of each non-wrist view,
+    the same jitter of every view."""
     names = ("crop_x", "crop_y", "angle", "apply", "brightness", "contrast", "hue")
-    return {n: torch.rand(batch, views, generator=generator) for n in names}
+    return {n: torch.rand(batch, generator=generator) for n in names}
 
 
 def crop_resize_rotate(x, u):
-    """x (B, 3, H, W) in [0, 1]; u: draw()'s numbers for this view, each (B,). One affine
+    """x (B, 3, R, R) in [0, 1]; u: draw()'s numbers, each (B,). One affine
     resampling: output pixel -> rotated -> scaled into the crop window -> input pixel."""
     B, _, H, W = x.shape
     ch, cw = int(H * CROP), int(W * CROP)
@@ -61,7 +63,7 @@ def crop_resize_rotate(x, u):
 
 
 def rgb_to_hsv(x):
-    """(B, 3, H, W) -> hue, saturation, value, each (B, H, W); augmax's formulas."""
+    """(B, 3, R, R) -> hue, saturation, value, each (B, R, R); augmax's formulas."""
     value, argmax = x.max(1)
     span = value - x.min(1).values
     second = x.gather(1, ((argmax + 1) % 3)[:, None])[:, 0]
@@ -79,7 +81,7 @@ def hsv_to_rgb(hue, saturation, value):
 
 
 def color_jitter(x, u):
-    """x (B, 3, H, W) in [0, 1]; u: draw()'s numbers for this view, each (B,)."""
+    """x (B, 3, R, R) in [0, 1]; u: draw()'s numbers, each (B,)."""
     hue, saturation, value = rgb_to_hsv(x)
     amount = {k: ((u[k] * 2 - 1) * s)[:, None, None] for k, s in JITTER.items()}  # (B, 1, 1)
     a = amount["brightness"]
@@ -95,14 +97,14 @@ def color_jitter(x, u):
 
 
 def augment(images, cameras, u):
-    """images (B, V, 3, H, W) in [-1, 1], the model's batch; cameras: the V view names; u:
-    draw(B, V, generator). -> augmented images, same shape, in the model's range."""
+    """images (B, V, 3, R, R) in [-1, 1], the model's batch; cameras: the V view names; u:
+    draw(B, generator). -> augmented images, same shape, in the model's range."""
     x = images / 2 + 0.5  # augmax works in [0, 1]
+    u = {k: t.to(x.device, x.dtype) for k, t in u.items()}
     views = []
     for v, camera in enumerate(cameras):
-        uv = {k: t[:, v].to(x.device, x.dtype) for k, t in u.items()}
         view = x[:, v]
         if "wrist" not in camera:
-            view = crop_resize_rotate(view, uv)
-        views.append(color_jitter(view, uv))
+            view = crop_resize_rotate(view, u)
+        views.append(color_jitter(view, u))
     return torch.stack(views, 1) * 2 - 1

@@ -3,35 +3,17 @@
 What flows through this file:
 
     readers.py: LeRobotDataset (v2.1 / v3.0) or HDF5Dataset (ALOHA layout), from open_dataset
-        dataset[i] -> raw sample: {"images": {camera: uint8 (H, W, 3)}, "state": (S,),
+        dataset[i] -> raw sample: {"images": {camera: uint8 (height, width, 3)}, "state": (S,),
                                    "actions": (C, A) chunk, "action_is_pad": (C,), "prompt": str, ...}
     Transforms (one per dataset: its cameras, its norm stats, the model's prompt function)
         -> model sample: one row of the batch dict below, as numpy arrays without the B axis
-    Mixture + MixtureSampler + Loader (weighted co-training, DDP sharding, resumable position)
-        -> collate -> the batch dict: torch tensors, leading axis B
+    loader.py: Mixture + MixtureSampler + Loader (weighted co-training, DDP sharding, resumable
+        position) -> collate -> the batch dict: torch tensors, leading axis B
 
-The batch dict, what the models' forward and sampling take:
-
-    key               dtype    shape            content
-    images            float32  (B, V, 3, R, R)  camera views in [-1, 1]; a view the dataset lacks is -1
-    image_masks       bool     (B, V)           False for a view the dataset lacks
-    state             float32  (B, A)           normalized state, zero-padded to the model's action_dim
-    tokens            int64    (B, L)           the prompt (pi0.5, pi0-FAST: with the binned state), padded
-    token_masks       bool     (B, L)           True on the prompt's tokens
-    actions           float32  (B, C, A)        normalized action chunk (delta first, where a mask
-                                                says so), zero-padded to the model's action_dim
-    action_masks      bool     (B, C, A)        False on padded dims and on steps past the episode end
-  added by train.py's wrappers of Transforms, for one model each:
-    target_tokens     int64    (B, D)           pi0.5 FAST co-training (WithFastTargets): the chunk's
-                                                FAST ids in the PaliGemma vocabulary, then "|", EOS
-    target_masks      bool     (B, D)           True on the target tokens
-    token_ar_masks    int64    (B, L)           pi0-FAST (WithFastPrompt): 0 on the prompt, 1 on the
-                                                answer "Action: " + FAST ids + "|" EOS
-    token_loss_masks  bool     (B, L)           pi0-FAST: True where the next-token loss counts
-  with a RECAP indicator in the sample (recap.py; train.py --recap, Policy with "recap"):
-    tokens            int64    (B, L)           the prompt with "Advantage: positive" / "negative"
-    uncond_tokens     int64    (B, L)           the same prompt without it (indicator dropout, CFG)
-    uncond_token_masks bool    (B, L)
+The batch dict is paligemma.Batch (its keys, shapes and dtypes are listed there). Transforms
+adds the model's training targets (its spec's fast_targets: pi0.5's target_tokens / target_masks,
+pi0-FAST's answer with token_ar_masks / token_loss_masks) and, for a sample with a prompt
+condition (ConditionedDataset), the unconditioned prompt as uncond_tokens / uncond_token_masks.
 
 At inference a sample has no chunk, so there are no actions / action_masks. pi0-FAST pads nothing
 (Transforms with state_dim = action_dim = None): its state is (B, S), and A is the robot's own.
@@ -40,13 +22,18 @@ Action chunks follow LeRobot's `delta_timestamps` (readers.py: steps past the ep
 the last action and are marked in `action_is_pad`). The transforms are openpi's (its transforms,
 normalization and image_tools modules), rewritten as plain numpy functions.
 
+Per-frame prompt conditions (e.g. RECAP's "Advantage: positive" / "negative") come from a sidecar
+file beside the dataset, <dataset>.conditions.json (ConditionedDataset): the dataset itself is never
+touched.
+
 Command line:
     python data.py info  <dataset>                             # features, fps, episodes, cameras
-    python data.py stats <dataset> --out norm_stats.json       # openpi's norm_stats.json format
+    python data.py stats <dataset> [--openpi-config NAME]      # openpi's norm_stats.json, in the dataset
+    python data.py fast  <dataset> --chunk-size 10 --out fast.json   # a FAST tokenizer of its actions
 
 Axis legend (paligemma.py's): B batch, V the model's views (cameras), R image side, L prompt tokens, C chunk (action
 horizon), A action dim (the model's width after padding), S a dataset's state dim, D FAST target
-slots, H/W a camera's image height/width.
+slots.
 """
 
 import argparse
@@ -59,13 +46,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
-# The readers live in readers.py; their names stay importable from here (data.open_dataset, ...),
-# which is how train.py, infer.py, sim.py and the tests reach them.
-from readers import HDF5Dataset, LeRobotDataset, open_dataset, write_hdf5_episode  # noqa: F401
+import recipes
+import robots
+from fast_targets import fit_tokenizer
+from fast_tokenizer import report
+from readers import DatasetView, as_uint8_image, check_finite, open_dataset
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +61,7 @@ from readers import HDF5Dataset, LeRobotDataset, open_dataset, write_hdf5_episod
 
 
 def resize_with_pad(image, height=224, width=224):
-    """uint8 (..., H, W, 3) -> (..., height, width, 3): keep the aspect ratio, pad with black.
+    """uint8 (..., h, w, 3) -> (..., height, width, 3): keep the aspect ratio, pad with black.
 
     A port of openpi_client.image_tools.resize_with_pad (itself PIL's take on
     tf.image.resize_with_pad): the int() truncations decide the exact offsets, keep them."""
@@ -91,46 +79,10 @@ def resize_with_pad(image, height=224, width=224):
     return out.reshape(*image.shape[:-3], height, width, image.shape[-1])
 
 
-def as_uint8_image(image, camera="image"):
-    """An (H, W, 3) image as uint8, openpi's way: uint8 as is; float in [0, 1] -> (255 x) cast to
-    uint8 (openpi's policies do this). Anything else is an error naming the camera: a float image
-    in [0, 255] or a uint16 one would otherwise come out nearly white or black, with no error."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image '{camera}' has shape {image.shape}, expected (H, W, 3)")
-    if image.dtype == np.uint8:
-        return image
-    if np.issubdtype(image.dtype, np.floating):
-        if not np.isfinite(image).all():
-            raise ValueError(f"image '{camera}' is {image.dtype} with NaN or inf values")
-        if image.min() < 0 or image.max() > 1:
-            raise ValueError(f"image '{camera}' is {image.dtype} with values in [{image.min():.3g}, "
-                             f"{image.max():.3g}]: a float image must lie in [0, 1] (or send uint8)")
-        return (255 * image).astype(np.uint8)
-    raise ValueError(f"image '{camera}' has dtype {image.dtype} (shape {image.shape}): expected uint8, "
-                     f"or float in [0, 1]")
-
-
-def check_finite(x, name):
-    """Raise if x has NaN or inf, naming the dims: a NaN state gives NaN or plausible-looking
-    (pi0.5's bins clamp it) actions, never an error of its own."""
-    x = np.asarray(x, np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        dims = sorted(set(np.nonzero(bad)[-1].tolist()))
-        raise ValueError(f"{name} has NaN or inf (dims {dims}): {np.array2string(x, threshold=20)}")
-    return x
-
-
 def image_to_float(image):
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1], openpi's x / 255 * 2 - 1."""
+    """uint8 (..., R, R, 3) -> float32 (..., 3, R, R) in [-1, 1], openpi's x / 255 * 2 - 1."""
     x = image.astype(np.float32) / 255.0 * 2.0 - 1.0
     return np.moveaxis(x, -1, -3)
-
-
-def make_bool_mask(*dims):
-    """openpi's make_bool_mask: (6, -1, 6, -1) -> 6 x True, 1 x False, 6 x True, 1 x False."""
-    return np.concatenate([np.full(abs(d), d > 0) for d in dims]).astype(bool)
 
 
 def delta_actions(actions, state, mask):
@@ -250,8 +202,76 @@ class RunningStats:
                     q01=self.quantile(0.01), q99=self.quantile(0.99))
 
 
+class OpenpiRunningStats:
+    """openpi's own running statistics (openpi.shared.normalize.RunningStats), kept number for
+    number: mean and mean of squares updated batch by batch (std = sqrt(E[x^2] - E[x]^2)), and a
+    5000-bin histogram per dim whose edges follow the running min / max (the counts are
+    redistributed when they move); a quantile is the left edge of the bin where the cumulative
+    count reaches q * n. It depends on the batches' order, which compute_norm_stats keeps openpi's."""
+
+    def __init__(self, bins=5000):
+        self.bins, self.n = bins, 0
+
+    def update(self, batch):
+        batch = batch.reshape(-1, batch.shape[-1])
+        if self.n == 0:
+            self.mean, self.mean_sq = batch.mean(0), (batch ** 2).mean(0)
+            self.min, self.max = batch.min(0), batch.max(0)
+            self.hist = [np.zeros(self.bins) for _ in range(batch.shape[1])]
+            self.edges = [np.linspace(lo - 1e-10, hi + 1e-10, self.bins + 1) for lo, hi in zip(self.min, self.max)]
+        else:
+            new_max, new_min = batch.max(0), batch.min(0)
+            moved = (new_max > self.max).any() or (new_min < self.min).any()
+            self.max, self.min = np.maximum(self.max, new_max), np.minimum(self.min, new_min)
+            if moved:  # new edges over the new range; the old counts move to where their left edges fall
+                for i, old in enumerate(self.edges):
+                    self.edges[i] = np.linspace(self.min[i] - 1e-10, self.max[i] + 1e-10, self.bins + 1)
+                    self.hist[i] = np.histogram(old[:-1], bins=self.edges[i], weights=self.hist[i])[0]
+        self.n += len(batch)
+        self.mean += (batch.mean(0) - self.mean) * (len(batch) / self.n)
+        self.mean_sq += ((batch ** 2).mean(0) - self.mean_sq) * (len(batch) / self.n)
+        for i in range(batch.shape[1]):
+            self.hist[i] += np.histogram(batch[:, i], bins=self.edges[i])[0]
+
+    def result(self):
+        if self.n < 2:
+            raise ValueError("norm stats need at least 2 vectors")
+        quantile = lambda q: np.array([e[np.searchsorted(np.cumsum(h), q * self.n)] for h, e in zip(self.hist, self.edges)])
+        return dict(mean=self.mean, std=np.sqrt(np.maximum(0, self.mean_sq - self.mean ** 2)),
+                    q01=quantile(0.01), q99=quantile(0.99))
+
+
+def openpi_norm_stats(dataset, *, delta_mask=None, batch_size=32, progress=True):
+    """{"state", "actions"} stats as openpi's compute_norm_stats makes them: the dataset in order,
+    in batches of its config's batch size (the last partial batch dropped), every frame's whole
+    action chunk (padded steps included: each action counts about C times), deltas where the
+    mask says, float32 as its loader hands them over."""
+    stats = {"state": OpenpiRunningStats(), "actions": OpenpiRunningStats()}
+    batches = len(dataset) // batch_size
+    if batches == 0:
+        raise ValueError(f"norm stats: {len(dataset)} frames make no batch of {batch_size} (data.py stats --batch-size, or --per-frame)")
+    for b in tqdm(range(batches), desc="norm stats (openpi's)", disable=not progress):
+        rows = np.arange(b * batch_size, (b + 1) * batch_size)
+        state, chunks = dataset.state[rows].astype(np.float32), dataset.action_chunks(rows)[0].astype(np.float32)
+        if delta_mask is not None:
+            chunks = delta_actions(chunks, state, delta_mask)
+        stats["state"].update(state)
+        stats["actions"].update(chunks)
+    return warn_constant({k: s.result() for k, s in stats.items()})
+
+
+def warn_constant(result):
+    for k, r in result.items():
+        constant = np.flatnonzero(r["q99"] - r["q01"] <= 0).tolist()
+        if constant:  # normalize divides by std + 1e-6 (openpi's): a constant dim maps x - mean to 1e6 x
+            warnings.warn(f"norm stats: {k} dims {constant} are constant in this dataset (std {r['std'][constant]}); "
+                          f"normalize divides by std + 1e-6, as openpi does, so any other value there becomes huge")
+    return result
+
+
 def compute_norm_stats(dataset, *, delta_mask=None, bins=5000, progress=True):
-    """{"state": {mean, std, q01, q99}, "actions": {...}} over every recorded frame once.
+    """{"state": {mean, std, q01, q99}, "actions": {...}} over every recorded frame once: exact mean
+    and std, quantiles to a bin, whatever the order (openpi_norm_stats is openpi's own pass).
 
     Without delta actions, each frame's state and action count once (not once per overlapping
     chunk, as in openpi's pass). With a delta mask the model sees a[t + k] - s[t], whose spread
@@ -273,13 +293,7 @@ def compute_norm_stats(dataset, *, delta_mask=None, bins=5000, progress=True):
     for k, s in stats.items():
         if s.n == 0:
             raise ValueError(f"norm stats: the dataset has no {k} frames ({dataset.num_episodes} episodes, all empty)")
-    result = {k: s.result() for k, s in stats.items()}
-    for k, r in result.items():
-        constant = np.flatnonzero(r["q99"] - r["q01"] <= 0).tolist()
-        if constant:  # normalize divides by std + 1e-6 (openpi's): a constant dim maps x - mean to 1e6 x
-            warnings.warn(f"norm stats: {k} dims {constant} are constant in this dataset (std {r['std'][constant]}); "
-                          f"normalize divides by std + 1e-6, as openpi does, so any other value there becomes huge")
-    return result
+    return warn_constant({k: s.result() for k, s in stats.items()})
 
 
 def save_norm_stats(stats, path, **representation):
@@ -305,12 +319,19 @@ def stats_meta_path(path):
     return str(Path(path).with_suffix("")) + ".meta.json"
 
 
-def check_stats_representation(path, delta_mask):
-    """Stats written by `data.py stats` record whether their actions were deltas ("delta_mask", in
-    stats_meta_path); training on the other representation would normalize with the wrong
-    spread, silently. openpi's files do not say, and are taken as they are."""
+def check_stats_representation(path, delta_mask, openpi_config=None):
+    """Stats written by `data.py stats` record what they are of (stats_meta_path): deltas or not,
+    and under which openpi config. Training on another representation would normalize with the
+    wrong spread, silently: stats of deltas for absolute actions (or the reverse), and stats of a
+    robot's raw data for a config that transforms it first (ALOHA's adapt_to_pi flips joints and
+    rescales grippers). openpi's files do not say, and are taken as they are."""
     meta = Path(stats_meta_path(path))
     raw = json.loads(meta.read_text()) if meta.exists() else {}
+    robot = robots.ROBOTS[robots.openpi_config(openpi_config).robot] if openpi_config else None
+    if "openpi_config" in raw and robot is not None and robot.adapt_to_pi and raw["openpi_config"] is None:
+        raise ValueError(f"{path}: these stats are of the raw dataset, but {openpi_config} first flips and rescales "
+                         f"its dims (ALOHA's adapt_to_pi): recompute them with `python data.py stats DATASET "
+                         f"--openpi-config {openpi_config}`")
     if "delta_mask" not in raw:
         return
     have = None if raw["delta_mask"] is None else [bool(m) for m in raw["delta_mask"]]
@@ -360,7 +381,7 @@ class Transforms:
     (None where the dataset has no such camera: that view is masked out, not shown as black).
     A sample may carry "image_masks" {camera: bool}: a robot's zero-filled views (robots.py)
     that the model may or may not look at."""
-    tokenize: Callable  # the model's prompt function: (prompt, state) -> (ids, mask)
+    tokenize: Callable  # the model's prompt function: (prompt, state, condition=None) -> (ids, mask)
     cameras: Sequence   # this dataset's camera key (or None) for each model view
     norm_stats: object = None           # stats dict, or the path of a (possibly shared) norm_stats.json
     use_quantiles: bool = False         # openpi: z-score for pi0, quantiles for pi0.5 and pi0-FAST
@@ -371,6 +392,9 @@ class Transforms:
     # training targets written as tokens, from the model file (pi0.5's FAST targets, pi0-FAST's
     # answer): (prompt, normalized state, normalized unpadded actions) -> extra batch keys
     targets: Callable | None = None
+    # steps past the episode's end (they repeat its last action): openpi trains on them, so by
+    # default they count; True marks them out of the loss (action_masks False)
+    mask_padded_steps: bool = False
 
     def __post_init__(self):
         self.stats_source = "norm_stats"
@@ -407,9 +431,9 @@ class Transforms:
         out = dict(images=np.stack(views), image_masks=np.array(masks),
                    state=pad_last(state, self.state_dim)[0] if self.state_dim else state,
                    tokens=np.asarray(tokens, np.int64), token_masks=np.asarray(token_masks, bool))
-        if sample.get("indicator") is not None:  # RECAP: the prompt with the indicator, and without it
+        if sample.get("condition") is not None:  # the prompt with its condition, and without it
             out["uncond_tokens"], out["uncond_token_masks"] = out["tokens"], out["token_masks"]
-            tokens, token_masks = self.tokenize(sample["prompt"], state, indicator=bool(sample["indicator"]))
+            tokens, token_masks = self.tokenize(sample["prompt"], state, condition=sample["condition"])
             out["tokens"], out["token_masks"] = np.asarray(tokens, np.int64), np.asarray(token_masks, bool)
         if "actions" in sample:                                            # absent at inference
             actions = check_finite(sample["actions"], "actions")
@@ -420,178 +444,110 @@ class Transforms:
                 out.update(self.targets(sample["prompt"], state, actions))
             width = self.action_dim or actions.shape[-1]
             actions, dim_mask = pad_last(actions, width)
-            step_mask = ~np.asarray(sample.get("action_is_pad", np.zeros(len(actions), bool)))
+            is_pad = np.asarray(sample.get("action_is_pad", np.zeros(len(actions), bool)))
+            step_mask = ~is_pad if self.mask_padded_steps else np.ones(len(actions), bool)
             out.update(actions=actions, action_masks=step_mask[:, None] & dim_mask[None, :])
         return out
 
-
-class DatasetView:
-    """A dataset seen through a wrapper that changes its samples (robots.RobotDataset,
-    recap.RecapDataset): every attribute the wrapper does not set (chunk_size, fps, tasks,
-    episode bounds, ...) is the wrapped dataset's, so readers' users take either."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __getattr__(self, name):
-        if name == "dataset":  # not set yet (e.g. while unpickling): no endless recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __len__(self):
-        return len(self.dataset)
-
-
-def collate(samples):
-    """List of model samples -> the batch dict (keys, dtypes, shapes: the module docstring).
-
-    Every key is stacked along a new leading axis B; samples must agree on each key's shape (a
-    Mixture checks its datasets' image size, views, widths and chunk size up front)."""
-    batch = {}
-    for key in samples[0]:
-        shapes = {np.shape(s[key]) for s in samples}
-        if len(shapes) > 1:
-            raise ValueError(f"cannot batch '{key}': samples have shapes {sorted(shapes)}")
-        batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
-    return batch
+    def action_chunks(self, ds, rows):
+        """The action chunks of dataset rows as the model trains on them, without reading an
+        image: deltas (where the mask says), normalized, unpadded (n, C, A)."""
+        chunks = ds.action_chunks(rows)[0]
+        if self.delta_mask is not None:
+            chunks = delta_actions(chunks, ds.state[rows], self.delta_mask)
+        return normalize(chunks, self.norm_stats["actions"], self.use_quantiles, "actions")
 
 
 # ----------------------------------------------------------------------------------------------
-# Co-training mixture, the DDP sampler, and a resumable infinite loader
+# Prompt conditions per frame: a sidecar beside the dataset
 
 
-class Mixture(torch.utils.data.Dataset):
-    """Several datasets, each with its own Transforms, behind one flat index: frame f of dataset d
-    is index offsets[d] + f. Weights (default: proportional to size) are used by MixtureSampler."""
+def conditions_path(dataset_path):
+    """<dataset>.conditions.json, beside the dataset: the user's files are never touched."""
+    return str(Path(dataset_path).resolve()) + ".conditions.json"
 
-    def __init__(self, datasets, transforms, weights=None):
-        if len(datasets) != len(transforms) or not datasets:
-            raise ValueError(f"{len(datasets)} datasets but {len(transforms)} transforms")
-        self.datasets, self.transforms = list(datasets), list(transforms)
-        self.sizes = np.array([len(d) for d in datasets], np.int64)
-        if (self.sizes == 0).any():
-            raise ValueError(f"dataset {int(np.argmin(self.sizes))} of the mixture has no frames")
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        w = np.asarray(self.sizes if weights is None else weights, np.float64)
-        if len(w) != len(datasets) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights {list(w)}: need {len(datasets)} non-negative numbers, not all 0")
-        self.weights = w / w.sum()
-        # every dataset must produce the same shapes, or batches cannot be stacked
-        shapes = {(t.image_size, len(t.cameras), t.state_dim, t.action_dim, d.chunk_size)
-                  for d, t in zip(datasets, transforms)}
-        if len(shapes) > 1:
-            raise ValueError(f"datasets disagree on (image_size, views, state_dim, action_dim, chunk_size): "
-                             f"{sorted(shapes, key=str)}")
-        for d, t in zip(self.datasets, self.transforms):
-            for cam in t.cameras:
-                if cam is not None and cam not in d.cameras:
-                    raise KeyError(f"camera '{cam}' is not in dataset {getattr(d, 'root', d.files[0])} "
-                                   f"(cameras: {d.cameras})")
 
-    def __len__(self):
-        return int(self.sizes.sum())
+def read_conditions(path, ds):
+    """A conditions sidecar, checked against its dataset: every episode there, with one entry per
+    frame. Format: {"format": "frame-conditions", "serve": the condition the trained policy is
+    asked at inference, "episodes": {episode key: {"condition": [text or null per frame], ...}}}
+    (other per-episode keys are the writer's own, e.g. RECAP's advantages)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no prompt conditions for this dataset (--conditions reads "
+                                f"<dataset>.conditions.json; RECAP's advantages command writes one)")
+    try:
+        table = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); rewrite it") from None
+    if table.get("format") != "frame-conditions" or not isinstance(table.get("serve"), str):
+        raise ValueError(f"{path}: not a frame-conditions file (format {table.get('format')!r}, serve "
+                         f"{table.get('serve')!r}: expected 'frame-conditions' and a text)")
+    for key, s, e in zip(ds.episode_keys(), ds.ep_start, ds.ep_end):
+        got = table["episodes"].get(str(key), {}).get("condition")
+        if not isinstance(got, list) or len(got) != e - s:
+            raise ValueError(f"{path}: episode {key} is {'missing' if got is None else 'of another length'} "
+                             f"({e - s} frames in the dataset): recompute the conditions")
+        bad = [c for c in got if c is not None and not isinstance(c, str)]
+        if bad:
+            raise ValueError(f"{path}: episode {key} has conditions {bad[:3]}: expected texts or null")
+    return table
+
+
+class ConditionedDataset(DatasetView):
+    """A dataset whose samples carry their frame's prompt condition (sample["condition"]);
+    Transforms then makes the prompt with and without it (train.py --conditions)."""
+
+    def __init__(self, dataset, table):
+        super().__init__(dataset)
+        self.table = table
 
     def __getitem__(self, i):
-        d = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return self.transforms[d](self.datasets[d][int(i - self.offsets[d])])
-
-
-class MixtureSampler(torch.utils.data.Sampler):
-    """An infinite stream of Mixture indices: pick a dataset by weight, then a frame uniformly.
-
-    The global stream is a pure function of (seed, position): block b of BLOCK draws comes from a
-    generator seeded with (seed, b), so every rank computes the same stream, and rank r takes
-    positions start + r, start + r + world_size, ... (equal counts per rank). Resuming is setting
-    `start` to the number of global samples already consumed."""
-    BLOCK = 4096
-
-    def __init__(self, sizes, weights=None, *, seed=0, rank=0, world_size=1, start=0):
-        self.sizes = np.asarray(sizes, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        w = np.asarray(self.sizes if weights is None else weights, np.float64)
-        self.weights = w / w.sum()
-        self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
-
-    def block(self, b):
-        """Global draws [b * BLOCK, (b + 1) * BLOCK) as (dataset ids, flat indices)."""
-        rng = np.random.default_rng([self.seed, b])
-        d = rng.choice(len(self.weights), size=self.BLOCK, p=self.weights)
-        frame = (rng.random(self.BLOCK) * self.sizes[d]).astype(np.int64)     # uniform in [0, size)
-        return d, self.offsets[d] + frame
-
-    def global_stream(self, start, count):
-        """Flat indices of global positions [start, start + count), the same on every rank."""
-        first, last = start // self.BLOCK, (start + count - 1) // self.BLOCK
-        flat = np.concatenate([self.block(b)[1] for b in range(first, last + 1)])
-        return flat[start - first * self.BLOCK:][:count]
-
-    def __iter__(self):
-        pos = self.start + self.rank
-        while True:
-            b = pos // self.BLOCK
-            flat = self.block(b)[1]
-            while pos // self.BLOCK == b:
-                yield int(flat[pos - b * self.BLOCK])
-                pos += self.world_size
-
-
-def _seed_worker(worker_id):
-    # each worker's torch seed is base_seed + worker_id; derive numpy's from it, for augmentations
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
-class Loader:
-    """Infinite batches of the batch dict for one DDP rank, with a resumable position.
-
-    `position` counts global samples consumed by the training loop (all ranks together), counted
-    when a batch is handed out, not when workers prefetch it; save state_dict() in the checkpoint
-    and load_state_dict() it to continue the exact stream (even with another number of workers)."""
-
-    def __init__(self, mixture, batch_size, *, seed=0, rank=0, world_size=1, num_workers=2,
-                 pin_memory=False):
-        self.batch_size, self.world_size, self.position = batch_size, world_size, 0
-        self.sampler = MixtureSampler(mixture.sizes, mixture.weights, seed=seed, rank=rank,
-                                      world_size=world_size)
-        self.loader = torch.utils.data.DataLoader(
-            mixture, batch_size=batch_size, sampler=self.sampler, collate_fn=collate,
-            num_workers=num_workers, drop_last=True, pin_memory=pin_memory, worker_init_fn=_seed_worker,
-            # seeds the workers (per rank) for any randomness in transforms; indices come from the sampler
-            generator=torch.Generator().manual_seed((seed << 16) + rank))
-
-    def __iter__(self):
-        self.sampler.start = self.position
-        for batch in self.loader:
-            self.position += self.batch_size * self.world_size
-            yield batch
-
-    def state_dict(self):
-        return {"position": self.position, "seed": self.sampler.seed}
-
-    def load_state_dict(self, state):
-        if state["seed"] != self.sampler.seed:
-            raise ValueError(f"data state was saved with seed {state['seed']}, "
-                             f"this loader has seed {self.sampler.seed}")
-        self.position = int(state["position"])
+        s = self.dataset[i]
+        return dict(s, condition=self.table["episodes"][str(s["episode_index"])]["condition"][s["frame_index"]])
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line: info and stats
 
 
+def fit_fast_command(dataset, args, mask):
+    """`data.py fast`: a FAST tokenizer fitted on the dataset's chunks as a pi0-FAST / pi0.5 model
+    sees them (deltas where the mask says, quantile-normalized with the dataset's own stats)."""
+    stats = args.norm_stats or os.path.join(args.dataset, "norm_stats.json")
+    if not os.path.exists(stats):
+        raise FileNotFoundError(f"{stats}: FAST fits normalized actions; compute the stats first (python data.py stats "
+                                f"{args.dataset} --out {stats}) or pass --norm-stats")
+    t = Transforms(tokenize=None, cameras=[], norm_stats=stats, use_quantiles=True, delta_mask=mask)
+    tok = fit_tokenizer(dataset, t, args.vocab_size, max_chunks=args.max_chunks)
+    tok.save(args.out)
+    chunks = t.action_chunks(dataset, np.arange(0, len(dataset), max(1, len(dataset) // 2000)))
+    report(tok, chunks)
+    print(f"wrote {args.out}: {tok}, for chunks of {dataset.chunk_size} steps x {chunks.shape[-1]} dims (the "
+          f"model's action horizon must be {dataset.chunk_size}: --chunk-size)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Inspect a robot dataset or compute its norm stats.")
-    parser.add_argument("command", choices=["info", "stats"])
+    parser = argparse.ArgumentParser(description="Inspect a robot dataset, compute its norm stats, fit a FAST "
+                                     "tokenizer on its actions.")
+    parser.add_argument("command", choices=["info", "stats", "fast"])
     parser.add_argument("dataset", help="LeRobot dataset directory, or HDF5 episode file / directory")
-    parser.add_argument("--out", default="norm_stats.json", help="stats: where to write norm_stats.json")
-    parser.add_argument("--chunk-size", type=int, default=50, help="action chunk (used with --delta-mask)")
+    parser.add_argument("--out", default=None, help="stats: norm_stats.json to write (default: in the dataset); "
+                        "fast: the tokenizer's JSON file (default: fast_tokenizer.json)")
+    parser.add_argument("--chunk-size", type=int, default=50, help="action chunk: the model's horizon (used with "
+                        "--delta-mask, and by fast: pi0-FAST 10 on LIBERO, 50 on ALOHA)")
+    parser.add_argument("--norm-stats", default=None, help="fast: the stats to normalize with (default: the dataset's)")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="fast: symbols + merges")
+    parser.add_argument("--max-chunks", type=int, default=20000, help="fast: fit on a random subset this big")
     parser.add_argument("--delta-mask", default=None, help="e.g. 6,-1,6,-1: stats of delta actions")
     parser.add_argument("--openpi-config", default=None, metavar="NAME",
                         help="stats of what openpi config NAME trains on (robots.py: its repack, robot transforms, "
                              "deltas), exactly what train.py --openpi-config normalizes")
     parser.add_argument("--prompt", default=None, help="HDF5: prompt for files without a 'prompt' attribute")
     parser.add_argument("--fps", type=float, default=None, help="HDF5: fps for files without an 'fps' attr")
+    parser.add_argument("--batch-size", type=int, default=None, help="stats: openpi's batches (default: the "
+                        "--openpi-config's training batch size, else 32); its last partial batch is left out, as openpi's")
+    parser.add_argument("--per-frame", action="store_true", help="stats: every frame once, exact mean and std, "
+                        "order-free quantiles (ours); default: openpi's pass over every chunk window")
     parser.add_argument("--state-key", default="observation.state", help="LeRobot only: the state feature")
     parser.add_argument("--action-key", default="action", help="LeRobot only: the action feature")
     args = parser.parse_args(argv)
@@ -599,12 +555,11 @@ def main(argv=None):
     is_lerobot = (Path(args.dataset) / "meta" / "info.json").exists()
     kwargs = dict(state_key=args.state_key, action_key=args.action_key) if is_lerobot else \
         dict(prompt=args.prompt, fps=args.fps)
-    mask = make_bool_mask(*[int(d) for d in args.delta_mask.split(",")]) if args.delta_mask else None
+    mask = robots.make_bool_mask(*[int(d) for d in args.delta_mask.split(",")]) if args.delta_mask else None
     if args.openpi_config:
-        import robots
         c = robots.openpi_config(args.openpi_config)
         dataset = robots.open_robot_dataset(args.dataset, args.openpi_config, c.action_horizon or args.chunk_size)
-        given, mask = mask, robots.policy_settings(args.openpi_config, False)["delta_mask"]
+        given, mask = mask, robots.policy_settings(args.openpi_config)["delta_mask"]
         if given is not None and list(given) != mask:
             raise ValueError(f"--delta-mask {args.delta_mask} disagrees with {args.openpi_config}'s {mask}")
     else:
@@ -613,8 +568,17 @@ def main(argv=None):
         for k, v in dataset.describe().items():
             print(f"{k:>9}: {json.dumps(v, indent=2) if isinstance(v, dict) else v}")
         return
-    stats = compute_norm_stats(dataset, delta_mask=mask)
-    save_norm_stats(stats, args.out, delta_mask=None if mask is None else np.asarray(mask).tolist())
+    if args.command == "fast":
+        args.out = args.out or "fast_tokenizer.json"
+        return fit_fast_command(dataset, args, mask)
+    args.out = args.out or os.path.join(args.dataset, "norm_stats.json")
+    if args.per_frame:
+        stats = compute_norm_stats(dataset, delta_mask=mask)
+    else:
+        batch = args.batch_size or (recipes.RECIPES[args.openpi_config].batch_size if args.openpi_config else 32)
+        stats = openpi_norm_stats(dataset, delta_mask=mask, batch_size=batch)
+    save_norm_stats(stats, args.out, delta_mask=None if mask is None else np.asarray(mask).tolist(),
+                    openpi_config=args.openpi_config, kind="per-frame" if args.per_frame else "openpi")
     print(f"wrote {args.out}: state {len(stats['state']['mean'])} dims, actions "
           f"{len(stats['actions']['mean'])} dims, {len(dataset)} frames, {dataset.num_episodes} episodes")
 

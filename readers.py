@@ -3,7 +3,7 @@
 Both readers turn a dataset on disk into the same thing: a flat list of N frames, episodes stored
 one after the other, where item i is a raw sample
 
-    dataset[i] = {"images": {camera: uint8 (H, W, 3)},  "state": float32 (S,),
+    dataset[i] = {"images": {camera: uint8 (height, width, 3)},  "state": float32 (S,),
                   "actions": float32 (C, A),  "action_is_pad": bool (C,),  "prompt": str,
                   "episode_index", "frame_index", "index", "task_index": int,  "timestamp": float}
 
@@ -25,14 +25,14 @@ LeRobot on disk (meta/info.json says which version; its features name the column
     in a parquet column). pyarrow and av are needed for LeRobot only: pip install pyarrow av.
 
 HDF5 layout (ALOHA, one file per episode, plus two optional root attributes of ours):
-    /observations/qpos (X, S)   /observations/images/<camera> (X, H, W, 3) uint8   /action (X, A)
+    /observations/qpos (X, S)   /observations/images/<camera> (X, height, width, 3) uint8   /action (X, A)
     attrs["prompt"] = "the task"   attrs["fps"] = 50
 
 Errors name the file and the field (a missing column, NaN actions, an fps that disagrees with the
 timestamps, a truncated video): bad data fails loudly here, not as a quietly worse policy.
 
 Axis legend (paligemma.py's): X frames (of a dataset, or of one episode), E episodes, C chunk (action horizon),
-S state dim, A action dim, H/W image height/width.
+S state dim, A action dim.
 """
 
 import functools
@@ -55,6 +55,58 @@ def require(module, pip_name, what="reading LeRobot datasets"):
 
 
 # ----------------------------------------------------------------------------------------------
+# Raw values checked: what a dataset or a robot hands over
+
+
+def as_uint8_image(image, camera="image"):
+    """An (height, width, 3) image as uint8, openpi's way: uint8 as is; float in [0, 1] -> (255 x) cast to
+    uint8 (openpi's policies do this). Anything else is an error naming the camera: a float image
+    in [0, 255] or a uint16 one would otherwise come out nearly white or black, with no error."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image '{camera}' has shape {image.shape}, expected (height, width, 3)")
+    if image.dtype == np.uint8:
+        return image
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise ValueError(f"image '{camera}' is {image.dtype} with NaN or inf values")
+        if image.min() < 0 or image.max() > 1:
+            raise ValueError(f"image '{camera}' is {image.dtype} with values in [{image.min():.3g}, "
+                             f"{image.max():.3g}]: a float image must lie in [0, 1] (or send uint8)")
+        return (255 * image).astype(np.uint8)
+    raise ValueError(f"image '{camera}' has dtype {image.dtype} (shape {image.shape}): expected uint8, "
+                     f"or float in [0, 1]")
+
+
+def check_finite(x, name):
+    """Raise if x has NaN or inf, naming the dims: a NaN state gives NaN or plausible-looking
+    (pi0.5's bins clamp it) actions, never an error of its own."""
+    x = np.asarray(x, np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        dims = sorted(set(np.nonzero(bad)[-1].tolist()))
+        raise ValueError(f"{name} has NaN or inf (dims {dims}): {np.array2string(x, threshold=20)}")
+    return x
+
+
+class DatasetView:
+    """A dataset seen through a wrapper that changes its samples (robots.RobotDataset,
+    data.ConditionedDataset): every attribute the wrapper does not set (chunk_size, fps, tasks,
+    episode bounds, ...) is the wrapped dataset's, so readers' users take either."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (e.g. while unpickling): no endless recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+
+# ----------------------------------------------------------------------------------------------
 # Frames in memory, episode bounds and action chunks: the part both readers share
 
 
@@ -71,6 +123,14 @@ class EpisodeFrames:
     @property
     def num_episodes(self):
         return len(self.ep_start)
+
+    def episode_keys(self):
+        """How samples name their episode (sample["episode_index"]): LeRobot its id, HDF5 its position."""
+        return [int(k) for k in self.episode_index]
+
+    def episode_prompts(self):
+        """The task of every episode (its first frame's)."""
+        return [self.tasks[int(self.task_index[s])] for s in self.ep_start]
 
     def action_chunks(self, rows):
         """rows (n,) -> actions (n, C, A), action_is_pad (n, C).
@@ -114,7 +174,7 @@ class EpisodeFrames:
 
 
 def decode_video_frame(path, timestamp, tolerance_s=1e-4):
-    """The frame of an mp4 (AV1, H.264, ...) shown at `timestamp` seconds, as uint8 (H, W, 3).
+    """The frame of an mp4 (AV1, H.264, ...) shown at `timestamp` seconds, as uint8 (height, width, 3).
 
     Seek to the keyframe before the timestamp and decode forward; the frame whose presentation
     time matches within tolerance_s is the answer (what LeRobot's decoders do). Opening the file
@@ -209,7 +269,7 @@ def _read_row_group(path, group, column):
 
 
 def _read_image_cell(path, row, column):
-    """The PNG/JPEG of one row of an image column (a struct of bytes and path), as uint8 (H, W, 3)."""
+    """The PNG/JPEG of one row of an image column (a struct of bytes and path), as uint8 (height, width, 3)."""
     starts = _row_group_starts(str(path))
     group = int(np.searchsorted(starts, row, side="right") - 1)
     cell = _read_row_group(str(path), group, column)[row - starts[group]].as_py()
@@ -231,7 +291,9 @@ class LeRobotDataset(EpisodeFrames):
     def __init__(self, root, chunk_size=50, *, state_key="observation.state", action_key="action",
                  cameras=None, action_fps=None, tolerance_s=1e-4):
         self.root, self.chunk_size, self.action_fps = Path(root), chunk_size, action_fps
-        self.state_key, self.action_key, self.tolerance_s = state_key, action_key, tolerance_s
+        # the state may be several columns, concatenated in order (DROID: joint_position, gripper_position)
+        self.state_keys = [state_key] if isinstance(state_key, str) else list(state_key)
+        self.state_key, self.action_key, self.tolerance_s = "+".join(self.state_keys), action_key, tolerance_s
         info_path = self.root / "meta" / "info.json"
         if not info_path.exists():
             raise FileNotFoundError(f"{info_path}: not a LeRobot dataset (no meta/info.json)")
@@ -240,7 +302,7 @@ class LeRobotDataset(EpisodeFrames):
         if not self.version.startswith(("v2", "v3")):
             raise ValueError(f"{info_path}: codebase_version {self.version}; v2.x and v3.0 are supported")
         feats = self.info["features"]
-        for key in (state_key, action_key):
+        for key in (*self.state_keys, action_key):
             if key not in feats:
                 raise KeyError(f"{info_path}: no feature '{key}' (features: {list(feats)})")
         self.fps = float(self.info["fps"])
@@ -306,7 +368,7 @@ class LeRobotDataset(EpisodeFrames):
     # -- frames ----------------------------------------------------------------------------------
     def _read_frames(self, episodes, info_path):
         """Read the small columns of every data file, in episode order, and check them."""
-        keys = [self.state_key, self.action_key, "timestamp", "frame_index", "episode_index", "index",
+        keys = [*self.state_keys, self.action_key, "timestamp", "frame_index", "episode_index", "index",
                 "task_index"]
         image_cams = [c for c in self.cameras if not self.is_video[c]]
         self.files = list(dict.fromkeys(e["data"] for e in episodes))    # unique, in episode order
@@ -336,11 +398,11 @@ class LeRobotDataset(EpisodeFrames):
             raise ValueError(f"{file_of(row)}: column 'episode_index' disagrees with the episode lengths "
                              f"in {self.root / 'meta'} (at dataset row {row})")
         self._set_episodes(lengths)
-        self.state = cols[self.state_key].astype(np.float32)
+        self.state = np.concatenate([cols[k] for k in self.state_keys], axis=1).astype(np.float32)
         self.actions = cols[self.action_key].astype(np.float32)
         self._check_finite(self.state, self.state_key, self.files, self.row_file)
         self._check_finite(self.actions, self.action_key, self.files, self.row_file)
-        cols = {k: v[:, 0] for k, v in cols.items() if k not in (self.state_key, self.action_key)}
+        cols = {k: v[:, 0] for k, v in cols.items() if k not in (*self.state_keys, self.action_key)}
         self.timestamp, self.frame_index = cols["timestamp"].astype(np.float64), cols["frame_index"]
         self.index, self.task_index = cols["index"], cols["task_index"]
 
@@ -409,7 +471,7 @@ class LeRobotDataset(EpisodeFrames):
 
 
 def write_hdf5_episode(path, state, actions, images, *, prompt=None, fps=None, attrs=None):
-    """Write one ALOHA-layout episode: state (X, S), actions (X, A), images {camera: (X, H, W, 3)
+    """Write one ALOHA-layout episode: state (X, S), actions (X, A), images {camera: (X, height, width, 3)
     uint8}. The prompt and fps go into root attributes (`prompt`, `fps`), which HDF5Dataset reads
     before falling back to its arguments; attrs: more root attributes (e.g. RECAP's `success`).
     Used by the tests and by sim.py's demo and rollout recorders."""
@@ -422,7 +484,7 @@ def write_hdf5_episode(path, state, actions, images, *, prompt=None, fps=None, a
         for cam, frames in images.items():
             frames = np.asarray(frames, np.uint8)
             if frames.shape[0] != len(state) or frames.ndim != 4:
-                raise ValueError(f"camera '{cam}': shape {frames.shape}, expected ({len(state)}, H, W, 3)")
+                raise ValueError(f"camera '{cam}': shape {frames.shape}, expected ({len(state)}, height, width, 3)")
             # one chunk per frame: a sample reads one frame without touching the rest
             f.create_dataset(f"observations/images/{cam}", data=frames, chunks=(1, *frames.shape[1:]))
         if prompt is not None:
@@ -447,7 +509,7 @@ def _read_hdf5_episode(path):
         for c, shape in shapes.items():
             if len(shape) != 4 or shape[0] != len(state):
                 raise ValueError(f"{path}: '/observations/images/{c}' has shape {shape}, expected "
-                                 f"({len(state)}, H, W, 3) (compressed images are not supported)")
+                                 f"({len(state)}, height, width, 3) (compressed images are not supported)")
         attrs = {k: f.attrs[k] for k in ("prompt", "fps") if k in f.attrs}
     if isinstance(attrs.get("prompt"), bytes):
         attrs["prompt"] = attrs["prompt"].decode()
@@ -467,6 +529,7 @@ class HDF5Dataset(EpisodeFrames):
         self.files = [Path(p) for p in paths]
         if not self.files:
             raise FileNotFoundError("no HDF5 episodes given (a folder of *.hdf5 / *.h5, a file or a list)")
+        self.root = self.files[0].parent  # where norm_stats.json and tokenizer.model sit beside the episodes
         self.chunk_size, self.action_fps = chunk_size, action_fps
         episodes = [_read_hdf5_episode(path) for path in self.files]
         self.prompts, all_fps = [], set()
@@ -489,6 +552,8 @@ class HDF5Dataset(EpisodeFrames):
             if cam not in self.image_shapes:
                 raise KeyError(f"{self.files[0]}: no camera '{cam}' (cameras: {sorted(self.image_shapes)})")
         self.tasks = list(dict.fromkeys(self.prompts))
+        self.task_index = np.repeat([self.tasks.index(p) for p in self.prompts], [len(e[0]) for e in episodes])
+        self.episode_index = np.arange(len(self.files))  # an HDF5 episode is named by its position
         for path, (state, actions, _, _) in zip(self.files, episodes):
             if state.shape[1:] != episodes[0][0].shape[1:] or actions.shape[1:] != episodes[0][1].shape[1:]:
                 raise ValueError(f"{path}: state width {state.shape[1]} / action width {actions.shape[1]} differ "

@@ -24,13 +24,12 @@ Values are openpi's (commit 15a9616: `training/config.py`, `policies/{aloha,droi
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from data import DatasetView, as_uint8_image, check_finite, make_bool_mask
-
-PI_VIEWS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # pi0 / pi0.5 cameras, in order
-
+import models
+from readers import DatasetView, as_uint8_image, check_finite, open_dataset
 
 # ----------------------------------------------------------------------------------------------
 # ALOHA's adapt_to_pi: the space of the ALOHA runtime -> the space pi's base models were trained in
@@ -84,6 +83,12 @@ def aloha_actions_to_pi(actions):
 # Robot families
 
 
+def make_bool_mask(*dims):
+    """openpi's make_bool_mask: (6, -1, 6, -1) -> 6 x True, 1 x False, 6 x True, 1 x False."""
+    return np.concatenate([np.full(abs(d), d > 0) for d in dims]).astype(bool)
+
+
+
 @dataclass(frozen=True)
 class Robot:
     """One robot family, openpi's <Robot>Inputs / <Robot>Outputs.
@@ -93,7 +98,7 @@ class Robot:
     where its camera names differ."""
     views: dict
     state: tuple                  # request keys, concatenated (in order) into the state
-    state_width: int
+    state_widths: tuple           # their widths
     action_width: int             # the robot's action dims; outputs are sliced to them
     delta_mask: tuple             # make_bool_mask dims of the joints that become deltas
     image_group: str | None = None  # ALOHA nests its images under "images"; the others are flat
@@ -101,7 +106,6 @@ class Robot:
     ignored_images: tuple = ()    # accepted and unused (ALOHA's cam_low)
     fast_views: dict | None = None
     adapt_to_pi: bool = False
-    metadata: dict = field(default_factory=dict)  # openpi's policy_metadata, sent on connect
     dataset: dict = field(default_factory=dict)   # training: request key <- LeRobot key (repack)
 
 
@@ -110,9 +114,9 @@ ROBOTS = {
     # uint8 CHW}, "state": 14}; state and actions are 2 x (6 joints, gripper).
     "aloha": Robot(
         views={"base_0_rgb": "cam_high", "left_wrist_0_rgb": "cam_left_wrist", "right_wrist_0_rgb": "cam_right_wrist"},
-        state=("state",), state_width=14, action_width=14, delta_mask=(6, -1, 6, -1),
+        state=("state",), state_widths=(14,), action_width=14, delta_mask=(6, -1, 6, -1),
         image_group="images", optional_images=("cam_left_wrist", "cam_right_wrist"), ignored_images=("cam_low",),
-        adapt_to_pi=True, metadata={"reset_pose": [0, -1.5, 1.5, 0, 0, 0]},
+        adapt_to_pi=True,
         dataset={"images/cam_high": "observation.images.top", "state": "observation.state", "actions": "action"}),
     # DROID (Franka): an exterior and a wrist camera, 7 joint positions + 1 gripper position;
     # actions are 7 joint velocities + the gripper position (so no deltas by default).
@@ -121,7 +125,7 @@ ROBOTS = {
                "right_wrist_0_rgb": None},
         fast_views={"base_0_rgb": "observation/exterior_image_1_left", "base_1_rgb": None,
                     "wrist_0_rgb": "observation/wrist_image_left"},
-        state=("observation/joint_position", "observation/gripper_position"), state_width=8, action_width=8,
+        state=("observation/joint_position", "observation/gripper_position"), state_widths=(7, 1), action_width=8,
         delta_mask=(7, -1),
         dataset={"observation/exterior_image_1_left": "exterior_image_1_left",
                  "observation/wrist_image_left": "wrist_image_left", "observation/joint_position": "joint_position",
@@ -131,7 +135,7 @@ ROBOTS = {
     "libero": Robot(
         views={"base_0_rgb": "observation/image", "left_wrist_0_rgb": "observation/wrist_image",
                "right_wrist_0_rgb": None},
-        state=("observation/state",), state_width=8, action_width=7, delta_mask=(6, -1),
+        state=("observation/state",), state_widths=(8,), action_width=7, delta_mask=(6, -1),
         dataset={"observation/image": "image", "observation/wrist_image": "wrist_image",
                  "observation/state": "state", "actions": "actions"}),
 }
@@ -149,72 +153,81 @@ class OpenpiConfig:
     action_horizon: int | None = None     # None: the model's default (50 for pi0 / pi0.5)
     action_dim: int | None = None         # pi0-FAST: the width its tokens encode
     max_token_len: int | None = None      # None: the model's default (48 / 200 / 250)
-    discrete_state_input: bool = True     # pi0.5: the state as text in the prompt
+    model_fields: dict = field(default_factory=dict)  # other fields of the model's config it sets
     default_prompt: str | None = None
     deltas: bool = False                  # joints as deltas against the chunk's first state
     repo_id: str | None = None            # training data (LeRobot repo id)
     dataset: dict | None = None           # training repack, if not the family's
     prompt_from_task: bool = False        # training prompt = the LeRobot task
-    recipe: dict = field(default_factory=dict)  # training: openpi's values for train.py's flags
+    base_stats: bool = False              # training normalizes with the base checkpoint's stats
+    metadata: dict = field(default_factory=dict)  # openpi's policy_metadata, sent to a client on connect
 
-
-# openpi's TrainConfig defaults, as train.py's flags (its CosineDecaySchedule: warm-up 1k steps to
-# 2.5e-5, cosine down to 2.5e-6 over the 30k steps; AdamW b2 0.95, clip 1, weight decay 1e-10 are
-# already train.py's own defaults); the configs below override some of them.
-RECIPE = dict(batch_size=32, steps=30_000, lr=2.5e-5, warmup=1_000, end_lr_frac=0.1, ema=0.99)
 
 _PEN = {"images/cam_high": "observation.images.cam_high", "images/cam_left_wrist": "observation.images.cam_left_wrist",
         "images/cam_right_wrist": "observation.images.cam_right_wrist", "state": "observation.state",
         "actions": "action"}
-# decay_lr = peak_lr in these: a constant LR after the warm-up
-_PI05_LIBERO = dict(batch_size=256, lr=5e-5, warmup=10_000, end_lr_frac=1.0, ema=0.999, steps=30_000)
-_FULL_DROID = dict(batch_size=256, lr=5e-5, warmup=1_000, end_lr_frac=1.0, steps=100_000)
-_LORA = dict(steps=30_000, lora=True, ema=0.0)  # openpi's *_low_mem_finetune: LoRA, no EMA
+_RESET = {"reset_pose": [0, -1.5, 1.5, 0, 0, 0]}  # the four ALOHA inference configs' policy_metadata
+_FAST = {"openpi_positions": True}  # pi0-FAST: openpi's decoding positions (its off-by-one), for its actions
 
 OPENPI_CONFIGS = {
     # ALOHA: inference configs for the base models, and the fine-tunes
-    "pi0_aloha": OpenpiConfig("aloha", "pi0", "trossen", deltas=True),
-    "pi05_aloha": OpenpiConfig("aloha", "pi05", "trossen", deltas=True),
-    "pi0_aloha_towel": OpenpiConfig("aloha", "pi0", "trossen", deltas=True, default_prompt="fold the towel"),
-    "pi0_aloha_tupperware": OpenpiConfig("aloha", "pi0", "trossen", deltas=True,
+    "pi0_aloha": OpenpiConfig("aloha", "pi0", "trossen", deltas=True, metadata=_RESET),
+    "pi05_aloha": OpenpiConfig("aloha", "pi05", "trossen", deltas=True, metadata=_RESET),
+    "pi0_aloha_towel": OpenpiConfig("aloha", "pi0", "trossen", deltas=True, default_prompt="fold the towel",
+                                    metadata=_RESET),
+    "pi0_aloha_tupperware": OpenpiConfig("aloha", "pi0", "trossen", deltas=True, metadata=_RESET,
                                          default_prompt="open the tupperware and put the food on the plate"),
     "pi0_aloha_pen_uncap": OpenpiConfig("aloha", "pi0", "trossen", deltas=True, default_prompt="uncap the pen",
                                         repo_id="physical-intelligence/aloha_pen_uncap_diverse", dataset=_PEN,
-                                        recipe=dict(steps=20_000)),
+                                        base_stats=True),
     "pi05_aloha_pen_uncap": OpenpiConfig("aloha", "pi05", "trossen", deltas=True, default_prompt="uncap the pen",
                                          repo_id="physical-intelligence/aloha_pen_uncap_diverse", dataset=_PEN,
-                                         recipe=dict(steps=20_000, batch_size=64)),
+                                         base_stats=True),
     "pi0_aloha_sim": OpenpiConfig("aloha", "pi0", "lerobot/aloha_sim_transfer_cube_human", default_prompt="Transfer cube",
-                                  repo_id="lerobot/aloha_sim_transfer_cube_human", recipe=dict(steps=20_000)),
+                                  repo_id="lerobot/aloha_sim_transfer_cube_human"),
     # DROID: joint velocities out, so absolute actions
     "pi0_droid": OpenpiConfig("droid", "pi0", "droid", action_horizon=10),
     "pi05_droid": OpenpiConfig("droid", "pi05", "droid", action_horizon=15),
-    "pi0_fast_droid": OpenpiConfig("droid", "pi0_fast", "droid", action_horizon=10, action_dim=8),
+    "pi0_fast_droid": OpenpiConfig("droid", "pi0_fast", "droid", action_horizon=10, action_dim=8, model_fields=_FAST),
     "pi05_droid_finetune": OpenpiConfig("droid", "pi05", "droid", action_horizon=16, prompt_from_task=True,
-                                        recipe=dict(steps=20_000)),
+                                        base_stats=True),
     # trained from DROID's RLDS release in joint-position space: the 7 joints become deltas
     "pi05_full_droid_finetune": OpenpiConfig("droid", "pi05", "droid", action_horizon=16, deltas=True,
-                                             recipe=_FULL_DROID),
+                                             base_stats=True),
     "pi0_fast_full_droid_finetune": OpenpiConfig("droid", "pi0_fast", "droid", action_horizon=16, action_dim=8,
-                                                 max_token_len=180, deltas=True, recipe=_FULL_DROID),
+                                                 max_token_len=180, deltas=True, model_fields=_FAST),
+    # DROID in joint-position space (openpi's PolaRiS configs, trained from RLDS: deltas on the
+    # joints, the checkpoint's own `droid` stats) and RoboArena's DROID baselines
+    "pi05_droid_jointpos_polaris": OpenpiConfig("droid", "pi05", "droid", action_horizon=15, deltas=True,
+                                                base_stats=True),
+    "pi0_droid_jointpos_polaris": OpenpiConfig("droid", "pi0", "droid", action_horizon=10, max_token_len=100,
+                                               deltas=True, base_stats=True),
+    "pi0_droid_jointpos_100k_polaris": OpenpiConfig("droid", "pi0", "droid", action_horizon=10, max_token_len=100,
+                                                    deltas=True, base_stats=True),
+    "pi0_fast_droid_jointpos_polaris": OpenpiConfig("droid", "pi0_fast", "droid", action_horizon=10, action_dim=8,
+                                                    max_token_len=180, deltas=True, base_stats=True,
+                                                    model_fields=_FAST),
+    "paligemma_fast_droid": OpenpiConfig("droid", "pi0_fast", "droid", action_horizon=15, action_dim=8,
+                                         prompt_from_task=True, model_fields=_FAST),
+    "paligemma_fast_specialist_droid": OpenpiConfig("droid", "pi0_fast", "droid", action_horizon=15, action_dim=8,
+                                                    prompt_from_task=True, model_fields=_FAST),
+    "paligemma_diffusion_droid": OpenpiConfig("droid", "pi0", "droid", action_horizon=10, action_dim=8,
+                                              prompt_from_task=True),
     # LIBERO
     "pi0_libero": OpenpiConfig("libero", "pi0", "physical-intelligence/libero", deltas=True,
-                               repo_id="physical-intelligence/libero", prompt_from_task=True,
-                               recipe=dict(steps=30_000)),
+                               repo_id="physical-intelligence/libero", prompt_from_task=True),
     "pi05_libero": OpenpiConfig("libero", "pi05", "physical-intelligence/libero", action_horizon=10,
-                                discrete_state_input=False, repo_id="physical-intelligence/libero",
-                                prompt_from_task=True, recipe=_PI05_LIBERO),
+                                model_fields={"discrete_state_input": False}, repo_id="physical-intelligence/libero",
+                                prompt_from_task=True),
     "pi0_fast_libero": OpenpiConfig("libero", "pi0_fast", "physical-intelligence/libero", action_horizon=10,
-                                    action_dim=7, max_token_len=180, deltas=True,
-                                    repo_id="physical-intelligence/libero", prompt_from_task=True,
-                                    recipe=dict(steps=30_000)),
+                                    action_dim=7, max_token_len=180, deltas=True, model_fields=_FAST,
+                                    repo_id="physical-intelligence/libero", prompt_from_task=True),
     "pi0_libero_low_mem_finetune": OpenpiConfig("libero", "pi0", "physical-intelligence/libero", deltas=True,
-                                                repo_id="physical-intelligence/libero", prompt_from_task=True,
-                                                recipe=_LORA),
+                                                repo_id="physical-intelligence/libero", prompt_from_task=True),
     "pi0_fast_libero_low_mem_finetune": OpenpiConfig("libero", "pi0_fast", "physical-intelligence/libero",
                                                      action_horizon=10, action_dim=7, max_token_len=180, deltas=True,
-                                                     repo_id="physical-intelligence/libero", prompt_from_task=True,
-                                                     recipe=_LORA),
+                                                     model_fields=_FAST,
+                                                     repo_id="physical-intelligence/libero", prompt_from_task=True),
 }
 
 
@@ -224,16 +237,11 @@ def openpi_config(name):
     return OPENPI_CONFIGS[name]
 
 
-def recipe(name):
-    """train.py's flags for openpi config `name`: openpi's TrainConfig defaults + the config's."""
-    return dict(RECIPE, **openpi_config(name).recipe)
-
-
 def model_views(robot, model):
-    """(model camera -> request key or None, whether a None view is masked out) for one model."""
-    if model == "pi0_fast":
-        return robot.fast_views or robot.views, False  # openpi's pi0-FAST looks at its zero views
-    return robot.views, True
+    """(model camera -> request key or None, whether a None view is masked out) for one model:
+    openpi's pi0-FAST names its cameras its own way and looks at its zero views."""
+    spec = models.spec(model)
+    return getattr(robot, spec.robot_views) or robot.views, spec.masks_absent_views
 
 
 def model_overrides(name):
@@ -241,24 +249,21 @@ def model_overrides(name):
     c = openpi_config(name)
     views, _ = model_views(ROBOTS[c.robot], c.model)
     out = {"cameras": list(views), "action_horizon": c.action_horizon, "max_token_len": c.max_token_len,
-           "action_dim": c.action_dim}
-    if c.model == "pi05":
-        out["discrete_state_input"] = c.discrete_state_input
-    if c.model == "pi0_fast":
-        out["openpi_positions"] = True  # openpi's decoding positions (its off-by-one), for its actions
+           "action_dim": c.action_dim, **c.model_fields}
     return {k: v for k, v in out.items() if v is not None}
 
 
-def policy_settings(name, use_quantiles):
+def policy_settings(name):
     """policy.json for a checkpoint of openpi config `name`: everything Policy needs to serve it."""
     c = openpi_config(name)
+    use_quantiles = models.spec(c.model).quantile_norm
     robot = ROBOTS[c.robot]
     views, masked = model_views(robot, c.model)
     return {"openpi_config": name, "robot": c.robot, "views": views, "empty_views_masked": masked,
             "cameras": list(views), "adapt_to_pi": robot.adapt_to_pi, "action_dim": robot.action_width,
-            "state_dim": robot.state_width, "use_quantiles": use_quantiles,
+            "state_dim": sum(robot.state_widths), "use_quantiles": use_quantiles,
             "delta_mask": make_bool_mask(*robot.delta_mask).tolist() if c.deltas else None,
-            "default_prompt": c.default_prompt, "metadata": dict(robot.metadata)}
+            "default_prompt": c.default_prompt, "metadata": dict(c.metadata)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,9 +311,9 @@ def robot_inputs(settings, request, state=None):
     if state is None:
         state = np.concatenate([np.asarray(request[k], np.float64).reshape(-1) for k in robot.state])
     state = np.asarray(state, np.float64)
-    if state.shape != (robot.state_width,):
+    if state.shape != (sum(robot.state_widths),):
         raise ValueError(f"{settings['robot']} state ({' + '.join(robot.state)}) has {state.size} values, "
-                         f"expected {robot.state_width}")
+                         f"expected {sum(robot.state_widths)}")
     check_finite(state, "state")
     out["state"] = aloha_state_to_pi(state) if settings["adapt_to_pi"] else state
     if "prompt" in request:
@@ -362,7 +367,8 @@ class RobotDataset(DatasetView):
         images = {key.split("/", 1)[1] if group else key: s["images"][cam] for key, cam in self.images.items()}
         request = {group: images} if group else dict(images)
         prompt = self.prompt if self.prompt is not None else s["prompt"]
-        return dict(request, **{robot.state[0]: s["state"]}, prompt=prompt), s
+        parts = np.split(np.asarray(s["state"]), np.cumsum(robot.state_widths)[:-1])  # the dataset's columns, as sent
+        return dict(request, **dict(zip(robot.state, parts)), prompt=prompt), s
 
     def __getitem__(self, i):
         request, s = self.request(i)
@@ -384,9 +390,6 @@ def dataset_columns(name, cameras, lerobot=True):
     the dataset lacks is an error listing both sides."""
     c = openpi_config(name)
     robot, repack = ROBOTS[c.robot], c.dataset or ROBOTS[c.robot].dataset
-    if len(robot.state) != 1:
-        raise ValueError(f"{name}: training reads one state column, {c.robot} assembles its state from "
-                         f"{list(robot.state)} (openpi trains DROID from its RLDS release): not supported yet")
     images = {}
     for key, column in repack.items():
         if key in robot.state or key == "actions":
@@ -397,18 +400,17 @@ def dataset_columns(name, cameras, lerobot=True):
             images[key] = found[0]
         elif in_request not in robot.optional_images:
             raise KeyError(f"{name} needs camera '{column}' (the robot's {key}); the dataset has {list(cameras)}")
-    return images, repack[robot.state[0]], repack["actions"]
+    return images, [repack[k] for k in robot.state], repack["actions"]
 
 
 def open_robot_dataset(path, name, chunk_size):
     """Open a LeRobot or HDF5 dataset at `path` as openpi config `name` reads it (RobotDataset)."""
-    from readers import LeRobotDataset, open_dataset
     c = openpi_config(name)
-    probe = open_dataset(path, chunk_size)
-    lerobot = isinstance(probe, LeRobotDataset)
+    robot, repack = ROBOTS[c.robot], c.dataset or ROBOTS[c.robot].dataset
+    columns = dict(state_key=[repack[k] for k in robot.state], action_key=repack["actions"])
+    lerobot = (Path(path) / "meta" / "info.json").exists()
+    probe = open_dataset(path, chunk_size, **(columns if lerobot else {}))  # which cameras it has
     images, state, actions = dataset_columns(name, probe.cameras, lerobot)
-    kwargs = dict(cameras=list(images.values()))
-    if lerobot:
-        kwargs.update(state_key=state, action_key=actions)
-    settings = policy_settings(name, use_quantiles=c.model != "pi0")
+    kwargs = dict(cameras=list(images.values()), **(columns if lerobot else {}))
+    settings = policy_settings(name)
     return RobotDataset(open_dataset(path, chunk_size, **kwargs), settings, images, c.prompt_from_task)

@@ -7,7 +7,7 @@ import math
 import torch
 
 import augment
-import train
+import train_step
 
 
 def fixed(value, batch=1, views=1, **overrides):
@@ -50,7 +50,7 @@ def test_colour_jitter_amounts_and_probability():
 
 def test_wrist_views_are_never_cropped_or_rotated():
     images = torch.rand(3, 2, 3, 16, 16) * 2 - 1
-    u = augment.draw(3, 2, torch.Generator().manual_seed(0))
+    u = augment.draw(3, torch.Generator().manual_seed(0))
     u["apply"][:] = 0.9  # no colour jitter: what is left is geometry
     out = augment.augment(images, ["base_0_rgb", "left_wrist_0_rgb"], u)
     assert torch.equal(out[:, 1], images[:, 1]) or (out[:, 1] - images[:, 1]).abs().max() < 1e-6
@@ -61,7 +61,17 @@ def test_ranks_take_their_rows_of_one_global_draw():
     a = argparse.Namespace(seed=3, batch_size=4)
     images = torch.rand(4, 2, 3, 16, 16) * 2 - 1
     cams = ["base_0_rgb", "left_wrist_0_rgb"]
-    one = train.augment_images(images, 7, a, cams, 0, 1)
+    one = train_step.augment_images(images, 7, a, cams, 0, 1)
     for rank in range(2):
-        torch.testing.assert_close(train.augment_images(images[rank::2], 7, a, cams, rank, 2), one[rank::2])
-    assert not torch.equal(train.augment_images(images, 8, a, cams, 0, 1), one)  # a new step, new numbers
+        torch.testing.assert_close(train_step.augment_images(images[rank::2], 7, a, cams, rank, 2), one[rank::2])
+    assert not torch.equal(train_step.augment_images(images, 8, a, cams, 0, 1), one)  # a new step, new numbers
+
+
+def test_every_camera_of_an_example_gets_the_same_draws_as_in_openpi():
+    """openpi augments with one key per example for every camera: two identical non-wrist views
+    come out identical (the same crop, rotation and jitter); other examples differ."""
+    view = (torch.rand(1, 1, 3, 16, 16) * 2 - 1).expand(2, 1, 3, 16, 16)
+    images = torch.cat([view, view], 1)  # (2, 2, 3, 16, 16): one image, in both views of both examples
+    out = augment.augment(images, ["base_0_rgb", "base_1_rgb"], augment.draw(2, torch.Generator().manual_seed(1)))
+    assert torch.equal(out[:, 0], out[:, 1])
+    assert not torch.equal(out[0, 0], out[1, 0])  # each example its own draws

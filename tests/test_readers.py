@@ -141,7 +141,8 @@ def _write_video(path, frames, fps):
             c.mux(p)
 
 
-def write_lerobot(root, version, episodes, fps, video_cams=(), episodes_per_file=2, chunks_size=2):
+def write_lerobot(root, version, episodes, fps, video_cams=(), episodes_per_file=2, chunks_size=2,
+                  state_key="observation.state", action_key="action"):
     """A minimal LeRobot dataset in the layout lerobot writes (v2.1: a file per episode; v3.0:
     `episodes_per_file` episodes per data / video file, `chunks_size` files per chunk folder)."""
     import pyarrow as pa
@@ -153,8 +154,8 @@ def write_lerobot(root, version, episodes, fps, video_cams=(), episodes_per_file
     feats = {c: dict(dtype="video" if c in video_cams else "image",
                      shape=list(episodes[0]["images"][c].shape[1:]), names=["height", "width", "channels"])
              for c in cams}
-    feats["observation.state"] = dict(dtype="float32", shape=[episodes[0]["state"].shape[1]], names=None)
-    feats["action"] = dict(dtype="float32", shape=[episodes[0]["action"].shape[1]], names=None)
+    feats[state_key] = dict(dtype="float32", shape=[episodes[0]["state"].shape[1]], names=None)
+    feats[action_key] = dict(dtype="float32", shape=[episodes[0]["action"].shape[1]], names=None)
     for k, dt in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
                   ("index", "int64"), ("task_index", "int64")):
         feats[k] = dict(dtype=dt, shape=[1], names=None)
@@ -169,14 +170,14 @@ def write_lerobot(root, version, episodes, fps, video_cams=(), episodes_per_file
                         buf = io.BytesIO()
                         Image.fromarray(img).save(buf, format="PNG")
                         cols[c].append({"bytes": buf.getvalue(), "path": None})
-            cols["observation.state"] += list(ep["state"]); cols["action"] += list(ep["action"])
+            cols[state_key] += list(ep["state"]); cols[action_key] += list(ep["action"])
             cols["timestamp"] += list(np.arange(n, dtype=np.float32) / np.float32(fps))
             cols["frame_index"] += list(range(n)); cols["episode_index"] += [e] * n
             cols["index"] += list(range(index, index + n)); index += n
             cols["task_index"] += [tasks.index(t) for t in ep["tasks"]]
         arrays = {}
         for k, v in cols.items():
-            if k in ("observation.state", "action"):
+            if k in (state_key, action_key):
                 flat = pa.array(np.concatenate(v).astype(np.float32))
                 arrays[k] = pa.FixedSizeListArray.from_arrays(flat, len(v[0]))
             elif k == "timestamp":
