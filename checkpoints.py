@@ -16,29 +16,18 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
 import models
-from lora import LoRALinear
-
-
-def full_state(model):
-    """A full, unsharded CPU state dict (works for plain, DDP-wrapped and FSDP2 models)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+import recipes
+from lora import full_state, merged_state
 
 
 def full_tensor(t):
     """The whole tensor behind an FSDP2 shard (a collective), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def merged_state(model):
-    """The state dict with every LoRA update merged into its weight: the plain model's names."""
-    state = dict(full_state(model))
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            state[f"{name}.weight"] = module.merged_weight().detach().cpu()
-            del state[f"{name}.lora_a"], state[f"{name}.lora_b"]
-    return state
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def save_training_state(ckpt_root, model, opt, ema, loader, step, run, a):
@@ -48,7 +37,6 @@ def save_training_state(ckpt_root, model, opt, ema, loader, step, run, a):
     temporary name, synced, and published by one rename; only then are older checkpoints
     removed (renamed to *.deleting first, so a half-removed one is never taken for complete).
     At any instant the newest complete checkpoint is under a step_* name."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     state = full_state(model)
     opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -68,7 +56,7 @@ def save_training_state(ckpt_root, model, opt, ema, loader, step, run, a):
     models.write_checkpoint(model, tmp, norm_stats=run["transforms"][0].norm_stats, extra_files=run["files"],
                             state_dict=merged)
     torch.save({"step": step, "optimizer": opt_state, "rng": rngs, "data": loader.state_dict(),
-                "ema": ema_full, "args": vars(a), "weights": state}, os.path.join(tmp, "train_state.pt"))
+                "ema": ema_full, "args": recipes.as_dict(a), "weights": state}, os.path.join(tmp, "train_state.pt"))
     models.crash_point("state-written")
     models.publish(tmp, path)
     for old in sorted(glob.glob(os.path.join(ckpt_root, "step_*"))):
@@ -90,26 +78,18 @@ def latest_checkpoint(ckpt_root):
     return done[-1]
 
 
-# What a resumed run must share with the run it continues: these change the math of the run.
-RESUME_MUST_MATCH = ("model", "config", "init", "data", "norm_stats", "tokenizer", "batch_size", "lr", "warmup",
-                     "end_lr_frac", "steps", "weight_decay", "b2", "clip", "ema", "dropout", "freeze", "lora",
-                     "lora_rank", "fast", "knowledge_insulation", "fast_tokenizer", "max_fast_tokens", "chunk", "seed",
-                     "rtc_max_delay", "augment", "openpi_config", "cameras",
-                     "lora_init", "recap", "indicator_dropout", "rtc_prefix_share")
-
-
 def check_resume_args(saved, a, path):
     """A changed knob that shapes the run is an error naming old and new, unless --resume-allow."""
     allowed = set(filter(None, a.resume_allow.replace("-", "_").split(",")))
-    changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {getattr(a, k)!r}" for k in RESUME_MUST_MATCH
-               if k not in allowed and saved.get(k) != getattr(a, k)]
+    now = recipes.as_dict(a)
+    changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now[k]!r}" for k in recipes.resume_knobs()
+               if k not in allowed and saved.get(k) != now[k]]
     if changed:
         raise ValueError(f"--resume from {path}: " + "; ".join(changed)
                          + " (pass --resume-allow NAME,... to continue with the change anyway)")
 
 
 def load_training_state(path, model, opt, ema, loader, rank, a):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
     check_resume_args(state["args"], a, path)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
@@ -120,8 +100,7 @@ def load_training_state(path, model, opt, ema, loader, rank, a):
     if ema is not None:
         for e, (name, _) in zip(ema, model.named_parameters()):
             saved = state["ema"][name].to(e.device)
-            if hasattr(e, "device_mesh"):  # FSDP2: keep this rank's shard of the full tensor
-                from torch.distributed.tensor import distribute_tensor
+            if isinstance(e, DTensor):  # FSDP2: keep this rank's shard of the full tensor
                 saved = distribute_tensor(saved, e.device_mesh, e.placements)
             e.copy_(saved)
     rng = state["rng"][rank]

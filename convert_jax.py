@@ -26,8 +26,8 @@ full list of what is wrong: a model with silently random weights is the worst po
 The model and its sizes are read from the tree itself (openpi's own converter guesses pi0.5 from
 the folder name); what weights cannot tell (horizon, prompt length, cameras) comes from flags.
 
-Axis legend (paligemma.py's): N heads, K kv heads, H head dim, W width, F mlp width, p patch size;
-L (a local name here) the depth, openpi's scanned axis.
+Axis legend (paligemma.py's): N heads, K kv heads, H head dim, W width, F MLP width, r LoRA rank;
+p (a local name) the patch size; depth, openpi's scanned axis, spelled out.
 """
 
 import argparse
@@ -47,7 +47,9 @@ from tqdm import tqdm
 
 import robots
 from paligemma import GemmaConfig, SiglipConfig
-from models import MODELS, build_meta, load_sentencepiece, model_file, save_pretrained
+import models
+from lora import LoRALinear, apply_openpi_lora, merged_state
+from models import build_meta, load_sentencepiece, save_pretrained
 
 # -- reshapes: each takes one openpi array (one layer's slice for scanned weights) ---------------
 linear = lambda x: x.T                                            # Dense [in, out] -> [out, in]
@@ -59,6 +61,12 @@ flat = lambda x: x.reshape(-1)                                    # SigLIP q/k/v
 q_einsum = lambda x: x.transpose(0, 2, 1).reshape(-1, x.shape[1])  # Gemma [N, W, H] -> [N*H, W]
 kv_einsum = lambda x: (q_einsum(x[0]), q_einsum(x[1]))            # [2, K, W, H] -> k, v [K*H, W]
 gating = lambda x: (x[0].T, x[1].T)                               # [2, W, F] -> gate, up [F, W]
+# openpi's LoRA factors (lora.py's layouts): per-head ones keep the head axis, ours put rank first
+heads_t = lambda x: x.transpose(0, 2, 1)                          # [heads, in, r] -> [heads, r, in]; B alike
+kv_heads_t = lambda x: (heads_t(x[0]), heads_t(x[1]))             # [2, K, ., .] -> k, v
+flat_heads_a = lambda x: x.reshape(-1, x.shape[-1]).T             # attn out A [N, H, r] -> [r, N*H]
+one_t = lambda x: x.T[None]                                       # [in, r] -> [1, r, in]; [r, out] -> [1, out, r]
+gating_t = lambda x: (x[0].T[None], x[1].T[None])                 # [2, W, r] / [2, r, F] -> gate, up
 
 
 def mapping_table(model):
@@ -104,6 +112,18 @@ def mapping_table(model):
             (f"{src}/mlp{s}/gating_einsum", (f"{ours}.gate_proj.weight", f"{ours}.up_proj.weight"), gating),
             (f"{src}/mlp{s}/linear", f"{ours}.down_proj.weight", linear),
         ]
+        if isinstance(model.llm.layers[0].experts[e].q_proj, LoRALinear):  # openpi's LoRA leaves
+            for f in ("a", "b"):
+                rows += [
+                    (f"{src}/attn/q_einsum{s}/lora_{f}", f"{ours}.q_proj.lora_{f}", heads_t),
+                    (f"{src}/attn/kv_einsum{s}/lora_{f}", (f"{ours}.k_proj.lora_{f}", f"{ours}.v_proj.lora_{f}"),
+                     kv_heads_t),
+                    (f"{src}/attn/attn_vec_einsum{s}/lora_{f}", f"{ours}.o_proj.lora_{f}",
+                     flat_heads_a if f == "a" else heads_t),
+                    (f"{src}/mlp{s}/gating_einsum_lora_{f}", (f"{ours}.gate_proj.lora_{f}", f"{ours}.up_proj.lora_{f}"),
+                     gating_t),
+                    (f"{src}/mlp{s}/linear_lora_{f}", f"{ours}.down_proj.lora_{f}", one_t),
+                ]
         norms = [(f"{src}/pre_attention_norm{s}", f"{ours}.attn_norm"),
                  (f"{src}/pre_ffw_norm{s}", f"{ours}.mlp_norm"),
                  (f"PaliGemma/llm/final_norm{s}", f"llm.final_norms.{e}")]
@@ -119,8 +139,9 @@ def mapping_table(model):
     return rows
 
 
-def openpi_to_state_dict(flat_params, model, dtype=torch.float32, progress=None):
-    """Turn a flat {openpi path: array} dict into our state dict of `dtype` tensors, strictly.
+def openpi_to_state_dict(flat_params, model, dtype=torch.float32, progress=None, strict=True):
+    """Turn a flat {openpi path: array} dict into our state dict of `dtype` tensors, strictly
+    (strict=False: only what the dict holds, e.g. a subset of gradients).
 
     Values may be numpy arrays or lazy on-disk arrays (OrbaxArray): each is read once, converted,
     and dropped before the next, so memory holds the result plus about one source array.
@@ -133,7 +154,7 @@ def openpi_to_state_dict(flat_params, model, dtype=torch.float32, progress=None)
     state, errors, used = {}, [], set()
     for src, dst, fn in mapping_table(model):
         if src not in flat_params:
-            errors.append(f"missing in checkpoint: {src}")
+            errors += [f"missing in checkpoint: {src}"] if strict else []
             continue
         used.add(src)
         x = np.asarray(flat_params[src], dtype=np.float32)  # a lazy array is read here
@@ -161,7 +182,7 @@ def openpi_to_state_dict(flat_params, model, dtype=torch.float32, progress=None)
                     state[name] = torch.from_numpy(np.ascontiguousarray(value)).to(dtype)
         x = outs = value = None  # let the source array go before the next one is read
     errors += [f"unused in checkpoint: {k}" for k in sorted(set(flat_params) - used)]
-    errors += [f"not filled from checkpoint: {k}" for k in sorted(set(own) - set(state))]
+    errors += [f"not filled from checkpoint: {k}" for k in sorted(set(own) - set(state))] if strict else []
     if errors:
         raise ValueError("openpi parameters do not fit the model:\n  " + "\n  ".join(errors))
     return state
@@ -205,7 +226,7 @@ def config_from_shapes(shapes, name, action_horizon=None, max_token_len=None, ca
 
     blk = "PaliGemma/img/Transformer/encoderblock"
     p, _, _, W = need("PaliGemma/img/embedding/kernel")  # [p, p, 3, W]
-    L, _, N, H = need(f"{blk}/MultiHeadDotProductAttention_0/query/kernel")  # [L, W, N, H]
+    L, _, N, H = need(f"{blk}/MultiHeadDotProductAttention_0/query/kernel")  # [depth, W, N, H]
     P = need("PaliGemma/img/pos_embedding")[1]  # patches per image: a square grid of side P^0.5
     if N * H != W or math.isqrt(P) ** 2 != P:
         raise ValueError(f"SigLIP shapes do not fit: width {W}, {N} heads of {H}, {P} patches")
@@ -213,7 +234,7 @@ def config_from_shapes(shapes, name, action_horizon=None, max_token_len=None, ca
                                       image_size=math.isqrt(P) * p,
                                       mlp_dim=need(f"{blk}/MlpBlock_0/Dense_0/kernel")[-1]),
                   llm=gemma(""), vocab_size=need("PaliGemma/llm/embedder/input_embedding")[0])
-    if model_file(name).FLOW:  # the flow models know their action width from action_in_proj
+    if models.spec(name).flow:  # the flow models know their action width from action_in_proj
         kwargs["expert"] = gemma("_1")
         stored = need("action_in_proj/kernel")[0]
         if action_dim not in (None, stored):
@@ -222,7 +243,7 @@ def config_from_shapes(shapes, name, action_horizon=None, max_token_len=None, ca
     flags = dict(action_dim=action_dim, action_horizon=action_horizon,
                  max_token_len=max_token_len, cameras=cameras and tuple(cameras))
     flags.update(settings)
-    return model_file(name).Config(**kwargs, **{k: v for k, v in flags.items() if v is not None})
+    return models.spec(name).config(**kwargs, **{k: v for k, v in flags.items() if v is not None})
 
 
 def openpi_shapes(cfg):
@@ -245,7 +266,7 @@ def openpi_shapes(cfg):
     for norm, lead in ((f"{blk}/LayerNorm_0", (L,)), (f"{blk}/LayerNorm_1", (L,)),
                        (f"{img}/Transformer/encoder_norm", ())):
         shapes |= {f"{norm}/scale": (*lead, W), f"{norm}/bias": (*lead, W)}
-    for e, g in enumerate([cfg.llm] + ([cfg.expert] if hasattr(cfg, "expert") else [])):
+    for e, g in enumerate([cfg.llm] + ([cfg.expert] if models.spec(cfg).flow else [])):
         s, layers = "" if e == 0 else f"_{e}", "PaliGemma/llm/layers"
         L, N, K, H, W, F = g.depth, g.num_heads, g.num_kv_heads, g.head_dim, g.width, g.mlp_dim
         shapes |= {f"{layers}/attn/q_einsum{s}/w": (L, N, W, H),
@@ -363,12 +384,20 @@ def find_norm_stats(assets_dir, asset_id=None):
     return stats["norm_stats"]
 
 
+def lora_ranks(shapes):
+    """{"llm" | "expert": rank} of the experts an openpi tree has LoRA factors for (lora.py)."""
+    return {part: shapes[f"PaliGemma/llm/layers/attn/q_einsum{s}/lora_a"][-1]
+            for part, s in (("llm", ""), ("expert", "_1")) if f"PaliGemma/llm/layers/attn/q_einsum{s}/lora_a" in shapes}
+
+
 def model_from_params(flat_params, model=None, dtype=torch.float32, progress=False, **flags):
     """Detect, size, build and fill one of our models from a flat {openpi path: array} tree.
 
     The model is built on the meta device (no memory) and takes the converted tensors as its
     parameters (assign=True), so the weights exist once. model: an expected name, checked.
-    flags: action_horizon, max_token_len, cameras, action_dim (see config_from_shapes).
+    flags: action_horizon, max_token_len, cameras, action_dim (see config_from_shapes). A tree
+    with openpi LoRA factors (a LoRA fine-tune's checkpoint) is loaded into LoRA layers of the
+    same structure and merged into the weights (W + scale * update, lora.py): a plain model.
     """
     flat_params = {k.removesuffix("/value"): v for k, v in flat_params.items()}  # training layout
     shapes = {k: tuple(v.shape) for k, v in flat_params.items()}
@@ -377,11 +406,19 @@ def model_from_params(flat_params, model=None, dtype=torch.float32, progress=Fal
         raise ValueError(f"--model {model}, but the checkpoint holds a {name} (pi0 has state_proj, "
                          "pi0.5 time_mlp_in and adaRMS norms, pi0-FAST no `_1` action expert)")
     cfg = config_from_shapes(shapes, name, **flags)
+    ranks = lora_ranks(shapes)
     with torch.device("meta"):
-        net = model_file(name).Model(cfg)
+        net = models.spec(name).model(cfg)
+        apply_openpi_lora(net, list(ranks), ranks)  # openpi's variants: alpha = rank
     with tqdm(total=sum(math.prod(s) for s in shapes.values()), unit="param", unit_scale=True,
               desc="read + convert", disable=not progress) as bar:
         net.load_state_dict(openpi_to_state_dict(flat_params, net, dtype, bar), assign=True)
+    if ranks:
+        merged = {k: v.to(dtype) for k, v in merged_state(net).items()}
+        with torch.device("meta"):
+            net = models.spec(name).model(cfg)
+        net.load_state_dict(merged, assign=True)
+        print(f"merged openpi's LoRA factors (ranks {ranks}) into the weights")
     return net.eval()
 
 
@@ -420,7 +457,7 @@ def check_serving_inputs(openpi_config, norm_stats, tokenizer, fast_tokenizer):
     if tokenizer is None:
         raise ValueError(f"{openpi_config}: serving needs the prompt tokenizer: --tokenizer paligemma_tokenizer.model "
                          "(PaliGemma's SentencePiece model)")
-    if c.model == "pi0_fast" and (fast_tokenizer is None or not os.path.isdir(fast_tokenizer)):
+    if models.spec(c.model).fast_targets_required and (fast_tokenizer is None or not os.path.isdir(fast_tokenizer)):
         raise ValueError(f"{openpi_config}: pi0-FAST reads its actions back with the FAST tokenizer: "
                          "--fast-tokenizer DIR (physical-intelligence/fast: tokenizer.json + processor_config.json)")
 
@@ -433,9 +470,9 @@ def serving_files(openpi_config, cfg, tokenizer, fast_tokenizer):
         raise ValueError(f"--tokenizer {tokenizer} has {sp.vocab_size()} pieces, more than the model's "
                          f"{cfg.vocab_size} embeddings: not this checkpoint's tokenizer")
     files = [(tokenizer, "tokenizer.model")]
-    if c.model == "pi0_fast":
+    if models.spec(c.model).fast_targets_required:  # pi0-FAST reads its actions back with it
         files.append((fast_tokenizer, "fast_tokenizer"))
-    return robots.policy_settings(openpi_config, use_quantiles=c.model != "pi0"), files
+    return robots.policy_settings(openpi_config), files
 
 
 def convert(checkpoint, out, model=None, dtype="fp32", asset_id=None, openpi_config=None, tokenizer=None,
@@ -473,7 +510,7 @@ def convert(checkpoint, out, model=None, dtype="fp32", asset_id=None, openpi_con
 def selftest_full(workdir, model="pi05", dtype="fp32"):
     """Fake an openpi checkpoint of the full-size model (constant weights) and convert it in a
     fresh process, which reports its peak memory: the converter's whole footprint."""
-    cfg = model_file(model).Config()  # the defaults are openpi's full-size model
+    cfg = models.spec(model).config()  # the defaults are openpi's full-size model
     params_dir = os.path.join(workdir, "openpi", "params")
     os.makedirs(params_dir, exist_ok=True)
     shapes = openpi_shapes(cfg)
@@ -493,7 +530,7 @@ def main(argv=None):
     arg = parser.add_argument
     arg("checkpoint", help="openpi checkpoint, step dir or params/ folder; or: selftest-full")
     arg("out", help="output checkpoint directory (selftest-full: a work folder)")
-    arg("--model", choices=sorted(MODELS), help="expected model (it is detected from the weights; "
+    arg("--model", choices=sorted(models.MODELS), help="expected model (it is detected from the weights; "
         "a mismatch is an error); selftest-full: which model to fake, default pi05")
     arg("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the stored weights")
     arg("--openpi-config", choices=list(robots.OPENPI_CONFIGS), metavar="NAME",

@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 import data
 import models
+import recipes
 import sim
+import tasks
 import train
 from readers import open_dataset, write_hdf5_episode
 
@@ -120,14 +122,14 @@ def test_interrupted_replacement_points_to_the_moved_aside_copy(tmp_path):
 ])
 def test_bad_arguments_name_the_flag_and_what_is_allowed(argv, message):
     with pytest.raises(ValueError) as e:
-        train.validate_args(train.p.parse_args(argv))
+        recipes.parse_args(argv)[0]
     assert message in str(e.value)
 
 
 def test_a_zero_mixture_weight_stays_zero(dataset, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(dataset, other)
-    a = train.p.parse_args(["--data", f"{dataset}:0", str(other)])
+    a = recipes.parse_args(["--data", f"{dataset}:0", str(other)])[0]
     _, _, weights = train.open_datasets(a, models.preset("pi0", "tiny"), 0, False)
     assert weights == [0.0, 1.0]  # it was [1.0, 1.0]: a 50/50 mix
 
@@ -136,7 +138,7 @@ def test_init_from_another_model_is_an_error(tmp_path):
     import pi05
     models.save_pretrained(pi05.Pi05(pi05.CONFIGS["tiny"]), tmp_path / "p05")
     with pytest.raises(ValueError, match="holds a pi05 model, not --model pi0"):
-        train.model_config(train.p.parse_args(["--model", "pi0", "--init", str(tmp_path / "p05")]))
+        train.model_config(recipes.parse_args(["--model", "pi0", "--init", str(tmp_path / "p05")])[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def test_float_images_in_unit_range_are_scaled_as_openpi_does():
 @pytest.mark.parametrize("image, message", [
     (np.full((32, 32, 3), 200.0, np.float32), "image 'top' is float32 with values in [200, 200]"),
     (np.zeros((32, 32, 3), np.uint16), "image 'top' has dtype uint16"),
-    (np.zeros((32, 32), np.uint8), "image 'top' has shape (32, 32), expected (H, W, 3)"),
+    (np.zeros((32, 32), np.uint8), "image 'top' has shape (32, 32), expected (height, width, 3)"),
     (np.full((32, 32, 3), np.nan, np.float32), "image 'top' is float32"),
 ])
 def test_bad_images_name_the_camera(image, message):
@@ -262,11 +264,11 @@ def test_corrupt_checkpoint_files_are_named(tmp_path):
 
 def test_too_many_action_steps_per_chunk_is_an_error():
     with pytest.raises(ValueError, match=r"n_action_steps 100 \(\+ delay 0\) exceeds the policy.s chunk of 6 actions"):
-        sim.evaluate(sim.ExpertPolicy(chunk_size=6), "builtin", 2, n_action_steps=100, progress=False)
+        sim.evaluate(tasks.ExpertPolicy(chunk_size=6), "builtin", 2, n_action_steps=100, progress=False)
 
 
 def test_undecodable_chunks_are_counted_by_the_evaluation():
-    class HalfDecodes(sim.ExpertPolicy):  # a pi0-FAST-like policy whose first answer never decodes
+    class HalfDecodes(tasks.ExpertPolicy):  # a pi0-FAST-like policy whose first answer never decodes
         def infer_batch(self, observations, noise=None):
             self.valid = np.arange(len(observations)) > 0
             return super().infer_batch(observations, noise)
@@ -278,4 +280,4 @@ def test_undecodable_chunks_are_counted_by_the_evaluation():
 def test_wandb_without_the_package_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
     with pytest.raises(ImportError, match="pip install wandb"):
-        train.start_wandb(train.p.parse_args(["--wandb", "proj"]), "/tmp")
+        train.start_wandb(recipes.parse_args(["--wandb", "proj"])[0], "/tmp")

@@ -24,7 +24,7 @@ from models import MODELS
 
 def classes(name):
     """(Config, Model) of a model file, through the registry."""
-    return models.model_file(name).Config, models.model_file(name).Model
+    return models.spec(name).config, models.spec(name).model
 
 ROOT = jax_reference_dir()
 FIXTURES = sorted(d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d, "checkpoint")))

@@ -12,6 +12,8 @@ import torch
 from conftest import ROOT, train_tiny_sentencepiece
 
 import data
+import readers
+import recipes
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,9 @@ def dataset(tmp_path_factory):
     for e in range(4):
         T = 12 + e  # episodes of different lengths: padded steps differ between ranks
         images = {"top": rng.integers(0, 255, (T, 56, 56, 3), dtype=np.uint8)}
-        data.write_hdf5_episode(out / f"ep{e}.hdf5", rng.normal(size=(T, 3)), np.cumsum(rng.normal(size=(T, 2)), 0),
+        readers.write_hdf5_episode(out / f"ep{e}.hdf5", rng.normal(size=(T, 3)), np.cumsum(rng.normal(size=(T, 2)), 0),
                                 images, prompt=["reach the red ball", "go to the blue square"][e % 2], fps=10)
-    ds = data.open_dataset(out, chunk_size=6)
+    ds = readers.open_dataset(out, chunk_size=6)
     data.save_norm_stats(data.compute_norm_stats(ds, progress=False), out / "norm_stats.json")
     sp = train_tiny_sentencepiece(["reach the red ball", "go to the blue square",
                                    "Task: reach the red ball, State: 1 2 3 45 128 255 -1;\nAction: "] * 40)
@@ -43,7 +45,7 @@ def run(args, out, nproc=1):
 def common(dataset, model="pi05"):
     """pi0.5 with its whole recipe (FAST co-training, knowledge insulation): the most paths."""
     return ["--model", model, "--data", str(dataset), "--steps", "6", "--batch-size", "8", "--dropout", "0",
-            "--warmup", "2", "--save-every", "100"] + (["--fast", "1", "--knowledge-insulation", "1"]
+            "--warmup", "2", "--save-every", "100"] + (["--fast-targets", "1", "--knowledge-insulation", "1"]
                                                        if model == "pi05" else [])
 
 
@@ -120,7 +122,7 @@ def test_pi0_fast_trains_and_exports(dataset, tmp_path):
     assert os.path.exists(tmp_path / "fast" / "final" / "fast_tokenizer.json")
     from policy import Policy  # the exported checkpoint serves: chunks of the robot's width, flagged
     policy = Policy(tmp_path / "fast" / "final")
-    obs = data.open_dataset(dataset, chunk_size=6)[0]
+    obs = readers.open_dataset(dataset, chunk_size=6)[0]
     with warnings.catch_warnings():  # an undertrained model's answers may not decode
         warnings.simplefilter("ignore")
         actions = policy.infer_batch([obs, obs])
@@ -185,7 +187,7 @@ def test_initial_weights_do_not_depend_on_what_ran_before():
     sys.path.insert(0, ROOT)
     import models
     import train
-    a = train.p.parse_args(["--model", "pi05"])
+    a = recipes.parse_args(["--model", "pi05"])[0]
     cfg = models.preset("pi05", "tiny")
     first = train.build_model(a, cfg, torch.device("cpu"), False)[1].state_dict()
     torch.rand(1000)  # what sim.py's demo generation does to the global generator
@@ -229,8 +231,9 @@ def test_readme_main_command_learns(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     sys.path.insert(0, ROOT)
     import sim
+    import tasks
     from policy import Policy
-    r = sim.evaluate(Policy(tmp_path / "runs" / "pi05" / "final"), "builtin", 100, seed=sim.DEMO_SEED, progress=False)
+    r = sim.evaluate(Policy(tmp_path / "runs" / "pi05" / "final"), "builtin", 100, seed=tasks.DEMO_SEED, progress=False)
     assert r["success_rate"] >= 0.5, r["success_rate"]
 
 
@@ -267,10 +270,10 @@ def test_readme_fine_tune_command_from_a_converted_checkpoint(dataset, tmp_path,
     convert_jax.convert(tmp_path / "openpi", tmp_path / "pi05_base", action_horizon=6, max_token_len=48)
     real_load = models.load_sentencepiece
     monkeypatch.setattr(models, "load_sentencepiece", lambda path: PaliGemmaSizedTokenizer(real_load(path)))
-    a = train.p.parse_args(["--model", "pi05", "--init", str(tmp_path / "pi05_base"), "--data", str(dataset),
+    a = recipes.parse_args(["--model", "pi05", "--init", str(tmp_path / "pi05_base"), "--data", str(dataset),
                             "--tokenizer", str(dataset / "tokenizer.model"), "--cameras", "base_0_rgb=top",
-                            "--fast", "1", "--knowledge-insulation", "1", "--batch-size", "4", "--lr", "2.5e-5",
-                            "--steps", "2", "--log-every", "1", "--out", str(tmp_path / "run")])
+                            "--fast-targets", "1", "--fast-tokenizer", "fit", "--knowledge-insulation", "1", "--batch-size", "4", "--lr", "2.5e-5",
+                            "--steps", "2", "--log-every", "1", "--out", str(tmp_path / "run")])[0]
     train.main(a)
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert len(log) == 2 and all(np.isfinite(r["loss"]) and r["ce"] > 0 for r in log)
@@ -336,3 +339,18 @@ def test_lora_trainable_counts_follow_openpis_rule(name, parts):
         want_lora += g.depth * per_layer
     assert ours == {"lora": want_lora, "other": want_other}
     assert not model.llm.embed.weight.requires_grad or "llm" not in parts  # openpi freezes the embedding too
+
+
+def test_condition_dropout_rate_and_exactness():
+    """--condition-dropout p: a share p of the samples train on the prompt without its condition,
+    drawn for the whole global batch from (seed, step); each rank takes its rows of one draw."""
+    import recipes
+    import train_step
+    a = recipes.TrainConfig(seed=0, batch_size=2000, condition_dropout=0.3)
+    cond, uncond = torch.ones(2000, 4, dtype=torch.long), torch.zeros(2000, 4, dtype=torch.long)
+    batch = {"tokens": cond, "token_masks": cond.bool(), "uncond_tokens": uncond, "uncond_token_masks": uncond.bool()}
+    out = train_step.drop_conditions(dict(batch), 3, a, 0, 1)
+    dropped = (out["tokens"][:, 0] == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.04 and "uncond_tokens" not in out
+    halves = [train_step.drop_conditions(dict({k: v[r::2] for k, v in batch.items()}), 3, a, r, 2) for r in range(2)]
+    assert torch.equal(halves[1]["tokens"], out["tokens"][1::2])
