@@ -1,8 +1,8 @@
 """Serving: a checkpoint directory + raw robot observations -> robot actions, over openpi's websocket.
 
 `Policy` applies exactly the transforms training used (resize-with-pad, normalization, the
-model's own prompt format, padding), samples a normalized action chunk (infer.FastSampler for
-pi0 / pi0.5, greedy decoding for pi0-FAST), and undoes the normalization (and delta actions)
+model's own prompt format, padding), samples a normalized action chunk (the model's sampler or
+infer.CompiledSampler for pi0 / pi0.5, greedy decoding for pi0-FAST), and undoes the normalization (and delta actions)
 for the robot's own action width. The checkpoint directory is described in models.py.
 
 What a request looks like is the checkpoint's policy.json: a checkpoint of an openpi config
@@ -22,18 +22,30 @@ Axis legend (paligemma.py's): B observations, C chunk (action horizon), A action
 """
 
 import argparse
+import asyncio
+import collections
+import http
 import json
 import logging
 import os
+import threading
 import time
+import traceback
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 import data
+import guidance
 import models
+import plots
 import robots
-from infer import FastSampler
+from fast_universal import load_tokenizer
+from infer import CompiledSampler
+from loader import collate
+from pi0_fast import extract_actions
+from readers import check_finite, open_dataset
 
 log = logging.getLogger("policy")
 
@@ -45,60 +57,64 @@ class Policy:
     {"images": {camera key: uint8 (H, W, 3) or (3, H, W)}, "state": (S,), "prompt": str}
     """
 
-    def __init__(self, path, device="cpu", num_steps=10, fast=False, compile_mode=None,
+    def __init__(self, path, device="cpu", num_steps=10, compiled=False, compile_mode=None,
                  cuda_graph=False, dtype=None, cfg_beta=None):
-        """fast=True samples with FastSampler (pi0 / pi0.5; same actions to ~1e-6), with optional
-        torch.compile mode and CUDA graph. dtype: the serving precision, None = bf16 on CUDA and
-        fp32 on CPU. In bf16 the weights are loaded straight into bf16 once (the precision
-        policy's fp32 parameters aside) and the matmuls run in bf16: no fp32 copy, no per-call
-        weight casts. cfg_beta: for a RECAP checkpoint (recap.py), classifier-free guidance on the
-        "positive" indicator (1 = plain conditioned sampling, the default)."""
+        """compiled=True samples with infer.CompiledSampler (pi0 / pi0.5; the same actions to
+        ~1e-6), with an optional torch.compile mode and CUDA graph. dtype: the serving precision,
+        None = bf16 on CUDA and fp32 on CPU. In bf16 the weights are loaded straight into bf16
+        once (the precision policy's fp32 parameters aside) and the matmuls run in bf16: no fp32
+        copy, no per-call weight casts. cfg_beta: for a checkpoint trained with a prompt condition
+        (policy.json "condition"), classifier-free guidance toward it (1 = plain conditioned
+        sampling; default: policy.json's)."""
         self.path, self.device, self.num_steps = str(path), torch.device(device), num_steps
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         low = self.dtype != torch.float32
         self.model = models.load(self.path, self.device, self.dtype if low else None).eval()
         self.autocast = lambda: torch.autocast(self.device.type, dtype=self.dtype, enabled=low)
         cfg = self.model.cfg
-        flow = models.model_file(cfg.model).FLOW
-        if not flow:  # pi0-FAST: greedy tokens, then the FAST tokenizer reads them back
-            from fast_tokenizer import FASTTokenizer
+        self.flow = models.spec(cfg).flow
+        if not self.flow:  # pi0-FAST: greedy tokens, then the FAST tokenizer reads them back
             ours = os.path.join(self.path, "fast_tokenizer.json")  # else openpi's HF folder, as converted
-            self.fast = FASTTokenizer.load(ours if os.path.exists(ours) else os.path.join(self.path, "fast_tokenizer"))
-            self.sample = self.sample_fast
-        elif fast:
-            self.sample = FastSampler(self.model, num_steps, self.dtype, compile_mode, cuda_graph)
+            self.fast = load_tokenizer(ours if os.path.exists(ours) else os.path.join(self.path, "fast_tokenizer"))
+        elif compiled:
+            self.sampler = CompiledSampler(self.model, num_steps, self.dtype, compile_mode, cuda_graph)
         else:
-            self.sample = self.sample_readable
+            self.sampler = lambda batch, noise, guide: self.model.sample_actions(batch, noise, num_steps, guide)
         with open(os.path.join(self.path, "policy.json")) as f:
             self.settings = json.load(f)
         self.robot = self.settings.get("robot")  # an openpi robot family (robots.ROBOTS), or None
-        self.recap = self.settings.get("recap")  # an advantage-conditioned policy: ask for "positive"
-        self.cfg_beta = cfg_beta if cfg_beta is not None else (self.recap or {}).get("cfg_beta", 1.0)
-        if self.cfg_beta != 1.0 and not (self.recap and self.sample == self.sample_readable):
-            raise ValueError(f"cfg_beta {self.cfg_beta}: classifier-free guidance needs a RECAP checkpoint (policy.json "
-                             f"'recap') and the readable sampler (fast=False); this one has recap={self.recap}")
+        self.condition = self.settings.get("condition")  # a conditioned policy: {"text", "cfg_beta"}
+        self.cfg_beta = cfg_beta if cfg_beta is not None else (self.condition or {}).get("cfg_beta", 1.0)
+        if self.cfg_beta != 1.0 and not (self.condition and self.flow):
+            raise ValueError(f"cfg_beta {self.cfg_beta}: classifier-free guidance needs a flow model trained with a "
+                             f"prompt condition (policy.json 'condition'); this one has condition={self.condition}")
         self.sp = models.load_sentencepiece(os.path.join(self.path, "tokenizer.model"))
         s = self.settings
-        width = cfg.action_dim if flow else None  # pi0-FAST pads nothing
+        width = cfg.action_dim if self.flow else None  # pi0-FAST pads nothing
         self.transforms = data.Transforms(
             tokenize=models.prompt_tokenizer(cfg, self.sp), cameras=s["cameras"],
             norm_stats=os.path.join(self.path, "norm_stats.json"), use_quantiles=s["use_quantiles"],
             delta_mask=s.get("delta_mask"), state_dim=width, action_dim=width,
             image_size=cfg.vision.image_size)
         self.valid = None  # pi0-FAST: per example, whether the answer decoded to a real chunk
+        self.model_ms = None  # the last call's sampling time (policy_timing)
 
-    def sample_readable(self, batch, noise=None, rtc=None, committed=None):
-        """pi0 / pi0.5: the model's own sample_actions (pi0.py), in the serving precision."""
-        cfg_beta = self.cfg_beta if self.recap and self.cfg_beta != 1.0 else None
+    def sample(self, batch, noise=None, guide=None):
+        """pi0 / pi0.5: normalized chunks (B, C, A) from the sampler, in the serving precision;
+        classifier-free guidance (cfg_beta != 1) composed with any other guide."""
+        B, cfg = len(batch["state"]), self.model.cfg
+        if noise is None:  # drawn here: a cfg-guided batch holds every observation twice
+            noise = torch.randn(B, cfg.action_horizon, cfg.action_dim, device=self.device)
+        if self.cfg_beta != 1.0:
+            batch, cfg_guide = guidance.cfg_batch(batch), guidance.cfg(self.cfg_beta)
+            guide = cfg_guide if guide is None else (lambda velocity: guide(cfg_guide(velocity)))
         with self.autocast():
-            return self.model.sample_actions(batch, noise=noise, num_steps=self.num_steps, rtc=rtc,
-                                             committed=committed, cfg_beta=cfg_beta)
+            return self.sampler(batch, noise, guide)
 
-    def sample_fast(self, batch, noise=None):
+    def sample_tokens(self, batch):
         """pi0-FAST: greedy tokens -> action chunks. An answer that does not decode is flagged in
         self.valid (returned with the actions, and a warning on every call that has one), never
         silently turned into zeros for the robot."""
-        from pi0_fast import extract_actions
         cfg = self.model.cfg
         with self.autocast():
             tokens = self.model.sample_tokens(batch).cpu().numpy()
@@ -137,30 +153,27 @@ class Policy:
         target = data.pad_last(leftover, cfg.action_dim)[0]
         return torch.from_numpy(target).to(self.device)
 
-    def rtc_guidance(self, states, prev_actions, delay, execution_horizon, beta=5.0, jacobian="full"):
-        """Inference-time real-time chunking: pi0.RTCGuidance toward the leftover (rtc_leftover),
-        with the paper's soft mask; padded dims get no guidance."""
-        from pi0 import RTCGuidance, rtc_mask
-        cfg, A = self.model.cfg, self.settings["action_dim"]
-        target = self.rtc_leftover(states, prev_actions, delay, execution_horizon)
-        dims = torch.from_numpy((np.arange(cfg.action_dim) < A).astype(np.float32))
-        weights = (rtc_mask(cfg.action_horizon, delay, cfg.action_horizon - execution_horizon)[:, None] * dims)[None]
-        return RTCGuidance(target, weights.to(self.device), beta, jacobian)
+    def rtc_weights(self, delay, execution_horizon):
+        """The paper's soft mask over the chunk (guidance.rtc_mask), 0 on padded dims: (1, C, A_model)."""
+        cfg = self.model.cfg
+        dims = torch.from_numpy((np.arange(cfg.action_dim) < self.settings["action_dim"]).astype(np.float32))
+        weights = guidance.rtc_mask(cfg.action_horizon, delay, cfg.action_horizon - execution_horizon)[:, None] * dims
+        return weights[None].to(self.device)
 
-    def realtime(self, states, prev_actions, delay, execution_horizon, guided=False, **guidance):
-        """How the sampler continues the previous chunks: a checkpoint trained with --rtc-max-delay
-        is given the committed steps (clean, at t = 0); any other (or guided=True) is guided
-        toward them (guidance: beta, jacobian). -> the sampler's keyword arguments."""
-        if self.sample == self.sample_fast:
+    def realtime(self, states, prev_actions, delay, execution_horizon, guided=False, beta=5.0, jacobian="full"):
+        """How the sampler continues the previous chunks (guidance.py): a checkpoint trained with
+        --rtc-max-delay is given the committed steps (clean, at t = 0); any other (or guided=True)
+        is guided toward them with the paper's soft mask (padded dims get no guidance)."""
+        if not self.flow:
             raise ValueError("real-time chunking needs a flow-matching sampler: pi0 or pi0.5, not pi0-FAST")
         trained = self.settings.get("rtc_max_delay", 0)
+        target = self.rtc_leftover(states, prev_actions, delay, execution_horizon)
         if not trained or guided:
-            return {"rtc": self.rtc_guidance(states, prev_actions, delay, execution_horizon, **guidance)}
+            return guidance.rtc(target, self.rtc_weights(delay, execution_horizon), beta, jacobian)
         if delay > trained:
             raise ValueError(f"delay {delay} exceeds the {trained} steps this checkpoint was trained to continue "
                              f"(--rtc-max-delay); pass guided=True for guidance instead")
-        clean = self.rtc_leftover(states, prev_actions, delay, execution_horizon)
-        return {"committed": (clean, torch.full((len(states),), delay, device=self.device))}
+        return guidance.committed(target, torch.full((len(states),), delay, device=self.device))
 
     def robot_inputs(self, observation):
         """One request -> {"images", "image_masks"?, "state" (model space), "prompt"?}: openpi's
@@ -172,17 +185,17 @@ class Policy:
             raise KeyError(f"observation {have}: this checkpoint takes {{'images': {{camera: uint8 image}}, 'state', "
                            f"'prompt'}} with cameras {[c for c in self.settings['cameras'] if c]}")
         images = {k: robots.hwc(v, k) for k, v in dict(observation["images"]).items()}
-        return {**observation, "images": images, "state": data.check_finite(observation["state"], "state")}
+        return {**observation, "images": images, "state": check_finite(observation["state"], "state")}
 
     def model_inputs(self, observations):
         """Requests -> (the model's batch dict, the states in the model's space (B, S) for the
         outputs' delta actions): robot inputs, default prompt, then data.Transforms."""
         samples = [self.robot_inputs(o) for o in observations]
         for s in samples:  # openpi's InjectDefaultPrompt: only where the request has none
-            s.setdefault("prompt", self.settings.get("default_prompt") or "")
-            if self.recap:  # RECAP: act as the frames whose advantage was positive
-                s["indicator"] = True
-        batch = data.collate([self.transforms(s) for s in samples])
+            s["prompt"] = request_prompt(s.get("prompt"), self.settings.get("default_prompt"))
+            if self.condition:  # a conditioned policy acts as its condition says (RECAP: "Advantage: positive")
+                s["condition"] = self.condition["text"]
+        batch = collate([self.transforms(s) for s in samples])
         states = np.stack([np.asarray(s["state"], np.float32) for s in samples])
         return {k: v.to(self.device) for k, v in batch.items()}, states
 
@@ -204,20 +217,28 @@ class Policy:
         previous chunks), the delay d and the execution horizon s, sampling is guided toward the
         actions the robot is still executing (real-time chunking; rtc: beta, jacobian)."""
         batch, states = self.model_inputs(observations)
+        if not self.flow:
+            t0 = time.perf_counter()
+            actions = self.sample_tokens(batch).numpy()
+            self.model_ms = 1000 * (time.perf_counter() - t0)
+            return self.robot_outputs(actions, states)
         if noise is not None:
             noise = torch.as_tensor(noise, dtype=torch.float32, device=self.device)
-        extra = {} if prev_actions is None else self.realtime(states, prev_actions, delay, execution_horizon, **rtc)
-        return self.robot_outputs(self.sample(batch, noise, **extra).cpu().numpy(), states)
+        guide = None if prev_actions is None else self.realtime(states, prev_actions, delay, execution_horizon, **rtc)
+        t0 = time.perf_counter()
+        actions = self.sample(batch, noise, guide).cpu().numpy()
+        self.model_ms = 1000 * (time.perf_counter() - t0)
+        return self.robot_outputs(actions, states)
 
     def infer(self, observation, noise=None, prev_actions=None, delay=0, execution_horizon=None):
-        """One observation -> {"actions": (C, A_robot), "policy_timing": {"infer_ms": ...}}, and for
-        pi0-FAST "valid": whether the answer decoded to a real chunk. prev_actions (C, A_robot),
-        delay and execution_horizon: real-time chunking (see infer_batch)."""
-        t0 = time.perf_counter()
+        """One observation -> {"actions": (C, A_robot), "policy_timing": {"infer_ms": the model's
+        sampling time, as openpi's}}, and for pi0-FAST "valid": whether the answer decoded to a real
+        chunk. prev_actions (C, A_robot), delay and execution_horizon: real-time chunking (see
+        infer_batch)."""
         rtc = {} if prev_actions is None else dict(prev_actions=np.asarray(prev_actions, np.float32)[None], delay=delay,
                                                    execution_horizon=execution_horizon)
         actions = self.infer_batch([observation], None if noise is None else np.asarray(noise)[None], **rtc)
-        out = {"actions": actions[0], "policy_timing": {"infer_ms": 1000 * (time.perf_counter() - t0)}}
+        out = {"actions": actions[0], "policy_timing": {"infer_ms": self.model_ms}}
         if self.valid is not None:
             out["valid"] = bool(self.valid[0])
         return out
@@ -245,6 +266,25 @@ def request_noise(msg, policy):
     return None
 
 
+def request_prompt(value, default=None):
+    """A request's prompt as text: a str, or (as openpi accepts) UTF-8 bytes or a 0-d numpy array of
+    either; none: the checkpoint's default prompt; neither is an error, as in openpi."""
+    if value is None:
+        value = default
+    if value is None:
+        raise ValueError("Prompt is required: the request has no 'prompt' and this checkpoint no default prompt")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"request 'prompt' is bytes that are not UTF-8 ({e.reason})") from None
+    if not isinstance(value, str):
+        raise TypeError(f"request 'prompt' is {type(value).__name__} {value!r:.60}: expected text")
+    return value
+
+
 def server_metadata(policy):
     """The metadata frame a client gets on connect: what the checkpoint serves, plus policy.json's
     own "metadata" (e.g. a robot's reset pose)."""
@@ -256,24 +296,14 @@ def server_metadata(policy):
             **robot, **s.get("metadata", {})}
 
 
-def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb=16):
-    """An asyncio websockets server (start it with `async with` or `await`): openpi's
-    WebsocketPolicyServer. One metadata frame on connect, then msgpack request -> msgpack reply
-    with "server_timing"; an error sends the traceback as a text frame and closes that
-    connection with 1011 (the server keeps serving), as openpi does. A request larger than
-    max_message_mb is refused by the websocket layer (close code 1009, "message too big").
-    metadata: what the connect frame carries (default: server_metadata(policy))."""
-    import asyncio
-    import http
-    import traceback
+def numpy_msgpack():
+    """(packb, unpackb) with openpi_client.msgpack_numpy's encoding of numpy arrays and scalars."""
     try:
         import msgpack
-        from websockets.asyncio.server import serve
-        from websockets.frames import CloseCode
-    except ImportError as e:
-        raise ImportError(f"infer.py serve needs `pip install websockets msgpack` ({e})") from None
+    except ImportError:
+        raise ImportError("serving needs msgpack: pip install websockets msgpack") from None
 
-    def pack_default(obj):  # openpi_client.msgpack_numpy's encoding
+    def pack_default(obj):
         if isinstance(obj, np.ndarray):
             if obj.dtype.kind in "OVc":
                 raise ValueError(f"unsupported dtype {obj.dtype}")
@@ -289,30 +319,52 @@ def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb
             return np.dtype(obj[b"dtype"]).type(obj[b"data"])
         return obj
 
-    packb = lambda obj: msgpack.packb(obj, default=pack_default)
+    return (lambda obj: msgpack.packb(obj, default=pack_default),
+            lambda raw: msgpack.unpackb(raw, object_hook=unpack_hook))
+
+
+def parse_request(msg, policy):
+    """A decoded request -> (observation, noise or None, real-time chunking keywords)."""
+    if not isinstance(msg, dict):
+        raise TypeError(f"a request is a dict observation, got {type(msg).__name__}")
+    obs = {k: v for k, v in msg.items() if k not in REQUEST_KEYS}
+    rtc = {k: msg[k] for k in ("prev_actions", "delay", "execution_horizon") if k in msg}
+    if rtc and "prev_actions" not in rtc:
+        raise ValueError(f"real-time chunking needs 'prev_actions' with {sorted(rtc)}")
+    return obs, request_noise(msg, policy), rtc
+
+
+def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb=16):
+    """An asyncio websockets server (start it with `async with` or `await`): openpi's
+    WebsocketPolicyServer. One metadata frame on connect, then msgpack request -> msgpack reply
+    with "server_timing"; an error sends the traceback as a text frame and closes that
+    connection with 1011 (the server keeps serving), as openpi does. A request larger than
+    max_message_mb is refused by the websocket layer (close code 1009, "message too big").
+    metadata: what the connect frame carries (default: server_metadata(policy))."""
+    try:
+        from websockets.asyncio.server import serve
+        from websockets.frames import CloseCode
+    except ImportError:
+        raise ImportError("serving needs websockets: pip install websockets msgpack") from None
+    packb, unpackb = numpy_msgpack()
     lock = asyncio.Lock()  # one inference at a time on the one model
+    metadata = server_metadata(policy) if metadata is None else metadata
 
     async def handler(ws):
-        await ws.send(packb(metadata or {}))
+        await ws.send(packb(metadata))
         prev_total = None
         while True:
+            t0 = time.monotonic()  # openpi's: from waiting for the request to sending the reply
             try:
                 raw = await ws.recv()
             except Exception:  # the client went away
                 return
             try:
-                t0 = time.monotonic()
-                msg = msgpack.unpackb(raw, object_hook=unpack_hook)
-                if not isinstance(msg, dict):
-                    raise TypeError(f"a request is a dict observation, got {type(msg).__name__}")
-                obs = {k: v for k, v in msg.items() if k not in REQUEST_KEYS}
-                noise = request_noise(msg, policy)
-                rtc = {k: msg[k] for k in ("prev_actions", "delay", "execution_horizon") if k in msg}
-                if rtc and "prev_actions" not in rtc:
-                    raise ValueError(f"real-time chunking needs 'prev_actions' with {sorted(rtc)}")
+                obs, noise, rtc = parse_request(unpackb(raw), policy)
                 async with lock:
+                    t_infer = time.monotonic()  # openpi's infer_ms: the policy call alone
                     result = await asyncio.to_thread(policy.infer, obs, noise, **rtc)
-                result["server_timing"] = {"infer_ms": 1000 * (time.monotonic() - t0)}
+                result["server_timing"] = {"infer_ms": 1000 * (time.monotonic() - t_infer)}
                 if prev_total is not None:
                     result["server_timing"]["prev_total_ms"] = prev_total
                 await ws.send(packb(result))
@@ -327,17 +379,14 @@ def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         return None
 
-    if metadata is None:
-        metadata = server_metadata(policy)
     return serve(handler, host, port, compression=None, max_size=int(max_message_mb * 2 ** 20),
                  process_request=health)
 
 
 def serve_forever(args):
-    import asyncio
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     policy = Policy(args.checkpoint, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                    num_steps=args.steps, fast=True, compile_mode=args.compile, cuda_graph=args.cuda_graph,
+                    num_steps=args.steps, compiled=True, compile_mode=args.compile, cuda_graph=args.cuda_graph,
                     dtype=dtype)
 
     async def main():
@@ -365,8 +414,6 @@ class RealTimeChunker:
     d <= s <= C - d: a chunk that runs dry raises."""
 
     def __init__(self, infer, s_min, delay_buffer=10):
-        import collections
-        import threading
         self.infer, self.s_min = infer, s_min
         self.cond = threading.Condition()
         self.chunk, self.t, self.observation, self.running = None, 0, None, True
@@ -410,7 +457,6 @@ class RealTimeChunker:
 
 def plot(args):
     """Draw, for a few frames of a dataset, the recorded chunk (grey) and the predicted one (colour)."""
-    from PIL import Image, ImageDraw
     policy = Policy(args.checkpoint, device=args.device or "cpu", num_steps=args.steps)
     if policy.robot:  # an openpi config's checkpoint: the dataset read as that config reads it
         ds = robots.open_robot_dataset(args.data, policy.settings["openpi_config"], policy.model.cfg.action_horizon)
@@ -418,27 +464,25 @@ def plot(args):
         pairs = [ds.request(int(i)) for i in frames]
         samples, recorded = [q for q, _ in pairs], np.stack([s["actions"] for _, s in pairs])
     else:
-        ds = data.open_dataset(args.data, chunk_size=policy.model.cfg.action_horizon)
+        ds = open_dataset(args.data, chunk_size=policy.model.cfg.action_horizon)
         frames = np.linspace(0, len(ds) - 1, args.frames).astype(int)
         samples = [ds[int(i)] for i in frames]
         recorded = np.stack([s["actions"] for s in samples])
     torch.manual_seed(0)
     predicted = policy.infer_batch(samples)  # (F, C, A)
     F_, C, A = predicted.shape
-    cell_w, cell_h, pad = 260, 110, 24
-    img = Image.new("RGB", (cell_w * A, (cell_h + pad) * F_ + pad), "white")
+    cell_w, cell_h = 300, 150
+    img = Image.new("RGB", (cell_w * A, cell_h * F_), "white")
     draw = ImageDraw.Draw(img)
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-    for d in range(A):
+    for d in range(A):  # one panel per frame and action dim: chunk step on x, the action's value on y
         lo = min(predicted[..., d].min(), recorded[..., d].min())
-        hi = max(predicted[..., d].max(), recorded[..., d].max()) + 1e-6
+        hi = max(predicted[..., d].max(), recorded[..., d].max())
         for f in range(F_):
-            x0, y0 = d * cell_w + 8, pad + f * (cell_h + pad)
-            to_xy = lambda c, v: (x0 + c * (cell_w - 16) / max(1, C - 1), y0 + (hi - v) / (hi - lo) * cell_h)
-            draw.rectangle([x0, y0, x0 + cell_w - 16, y0 + cell_h], outline=(200, 200, 200))
-            draw.text((x0, y0 - 14), f"frame {frames[f]}  dim {d}", fill="black")
-            for chunk, colour, width in ((recorded[f], (150, 150, 150), 3), (predicted[f], colours[f % 5], 2)):
-                draw.line([to_xy(c, chunk[c, d]) for c in range(C)], fill=colour, width=width)
+            x0, y0 = d * cell_w, f * cell_h
+            series = [("recorded", range(C), recorded[f, :, d], plots.GREY, 3),
+                      ("predicted", range(C), predicted[f, :, d], plots.COLOURS[f % 5], 2)]
+            plots.draw_chart(draw, (x0 + 50, y0 + 20, x0 + cell_w - 10, y0 + cell_h - 22), series,
+                             f"frame {frames[f]}, dim {d}", ylim=(lo, hi + 1e-6))
     img.save(args.out)
     err = np.abs(predicted - recorded).mean()
     print(f"wrote {args.out}: {F_} frames x {A} dims, grey recorded, colour predicted; mean |error| {err:.4f}")

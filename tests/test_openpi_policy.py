@@ -97,8 +97,10 @@ def test_the_converted_directory_describes_the_robot(converted):
     assert s["default_prompt"] == config["default_prompt"]
     meta = policy_mod.server_metadata(policy)
     assert meta["robot"] == c.robot and meta["action_horizon"] == config["action_horizon"]
-    if c.robot == "aloha":
-        assert meta["reset_pose"] == [0, -1.5, 1.5, 0, 0, 0]
+    # openpi's policy_metadata: a reset pose for its four ALOHA inference configs only
+    assert {k: meta[k] for k in c.metadata} == c.metadata
+    assert ("reset_pose" in meta) == (config["openpi_config_name"] in ("pi0_aloha", "pi05_aloha", "pi0_aloha_towel",
+                                                                       "pi0_aloha_tupperware"))
 
 
 # -- ALOHA's adapt_to_pi, and requests in the robot's keys --------------------------------------
@@ -171,7 +173,7 @@ def test_convert_names_the_flag_that_is_missing(tmp_path):
 
 def test_every_config_makes_a_consistent_policy_json():
     for name, c in robots.OPENPI_CONFIGS.items():
-        s = robots.policy_settings(name, use_quantiles=c.model != "pi0")
+        s = robots.policy_settings(name)
         robot = robots.ROBOTS[c.robot]
         assert s["action_dim"] == robot.action_width
         if s["delta_mask"] is not None:
@@ -189,11 +191,12 @@ class OneSampleDataset:
 
     def __init__(self, raw, images, state_key, action_key):
         self.cameras = list(images.values())
-        self.sample = dict(images={cam: raw[cam] for cam in self.cameras}, state=raw[state_key],
+        state = np.concatenate([np.atleast_1d(raw[k]) for k in state_key])  # a robot's state columns, in order
+        self.sample = dict(images={cam: raw[cam] for cam in self.cameras}, state=state,
                            actions=raw[action_key], prompt=str(raw["task"]),
                            action_is_pad=raw[f"{action_key}_is_pad"])
         self.num_episodes, self.ep_start, self.ep_end = 1, np.array([0]), np.array([1])
-        self.state, self.actions = raw[state_key][None], raw[action_key][:1]
+        self.state, self.actions = state[None], raw[action_key][:1]
 
     def __len__(self):
         return 1
@@ -224,12 +227,12 @@ def test_training_samples_give_openpis_training_inputs(tmp_path):
                       **robots.model_overrides(name))
         cfg = replace(cfg, vision=replace(cfg.vision, image_size=224), max_token_len=config["max_token_len"])
         stats = os.path.join(root, config["norm_stats_path"])
-        a = argparse.Namespace(norm_stats=stats, openpi_config=name)
+        a = argparse.Namespace(norm_stats=stats, openpi_config=name, mask_padded_steps=0)
         sp = models.load_sentencepiece(os.path.join(root, "tokenizer.model"))
         for n in range(config["train_samples"]):
             raw = raw_observation(cases, f"sample{n}/raw/", nested=False)
             images, state_key, action_key = robots.dataset_columns(name, [k for k in raw if np.ndim(raw[k]) == 3])
-            settings = robots.policy_settings(name, use_quantiles=c.model != "pi0")
+            settings = robots.policy_settings(name)
             ds = robots.RobotDataset(OneSampleDataset(raw, images, state_key, action_key), settings, images,
                                      c.prompt_from_task)
             (t,) = train.make_transforms(a, cfg, [ds], [root], sp)
@@ -264,13 +267,14 @@ def test_fine_tune_with_an_openpi_config_then_serve_it(tmp_path):
     (ds / "tokenizer.model").write_bytes(sp.serialized_model_proto())
     run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
     name = "pi0_aloha_pen_uncap"
-    absolute = run("data.py", "stats", str(ds), "--out", str(ds / "norm_stats.json"))
+    absolute = run("data.py", "stats", str(ds), "--out", str(ds / "norm_stats.json"), "--batch-size", "8")
     assert absolute.returncode == 0, absolute.stderr
     train = ["train.py", "--openpi-config", name, "--data", str(ds), "--config", "tiny", "--steps", "2",
              "--batch-size", "2", "--log-every", "1", "--eval-episodes", "0", "--out", str(tmp_path / "run")]
-    res = run(*train)  # stats of absolute actions, training on deltas: refused
-    assert res.returncode != 0 and "these stats are of absolute actions, but training uses delta actions" in res.stderr
-    res = run("data.py", "stats", str(ds), "--openpi-config", name, "--out", str(ds / "norm_stats.json"))
+    res = run(*train)  # stats of the raw dataset, training in pi's joint space: refused
+    assert res.returncode != 0 and "these stats are of the raw dataset, but pi0_aloha_pen_uncap first flips" in res.stderr
+    res = run("data.py", "stats", str(ds), "--openpi-config", name, "--out", str(ds / "norm_stats.json"),
+              "--batch-size", "8")  # 24 frames: openpi's batches of 32 would leave none
     assert res.returncode == 0, res.stderr
     res = run(*train)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -330,23 +334,30 @@ def fake_openpi_checkpoints(tmp_path_factory):
     import convert_jax
     import models
     root, rng, out = tmp_path_factory.mktemp("openpi"), np.random.default_rng(0), {}
-    for model in ("pi0", "pi05", "pi0_fast"):
-        params = root / model / "params"
+    # openpi's action width is 32 (any robot's dims, zero-padded) unless a config sets its own
+    # (pi0-FAST's tokens encode the robot's width; paligemma_diffusion_droid is a pi0 of width 8)
+    kinds = {(c.model, c.action_dim if c.model != "pi0_fast" else None) for c in robots.OPENPI_CONFIGS.values()}
+    for model, width in sorted(kinds, key=str):
+        params = root / f"{model}_{width}" / "params"
         params.mkdir(parents=True)
         cfg = models.preset(model, "tiny")
-        if model != "pi0_fast":  # openpi's action width: any robot's dims, zero-padded
-            cfg = replace(cfg, action_dim=32)
+        if model != "pi0_fast":
+            cfg = replace(cfg, action_dim=width or 32)
         convert_jax.write_orbax(params, ((k, (rng.standard_normal(s) * 0.05).astype(np.float32))
                                          for k, s in convert_jax.openpi_shapes(cfg).items()))
-        out[model] = root / model
+        out[model, width] = root / f"{model}_{width}"
     for name, c in robots.OPENPI_CONFIGS.items():
         robot = robots.ROBOTS[c.robot]
         stats = {k: {"mean": rng.standard_normal(w) * 0.1, "std": np.full(w, 0.5), "q01": np.full(w, -1.0),
-                     "q99": np.full(w, 1.0)} for k, w in (("state", robot.state_width), ("actions", robot.action_width))}
-        path = out[c.model] / "assets" / c.asset_id
+                     "q99": np.full(w, 1.0)} for k, w in (("state", sum(robot.state_widths)), ("actions", robot.action_width))}
+        path = out[checkpoint_kind(c)] / "assets" / c.asset_id
         path.mkdir(parents=True, exist_ok=True)
         data.save_norm_stats(stats, path / "norm_stats.json")
     return out
+
+
+def checkpoint_kind(c):
+    return c.model, (c.action_dim if c.model != "pi0_fast" else None)
 
 
 def robot_request(robot, rng):
@@ -354,8 +365,7 @@ def robot_request(robot, rng):
     images = {key: rng.integers(0, 256, (3, 120, 160) if robot.image_group else (120, 160, 3), dtype=np.uint8)
               for key in robot.views.values() if key is not None}
     request = {robot.image_group: images} if robot.image_group else dict(images)
-    widths = {1: [robot.state_width]}.get(len(robot.state), [robot.state_width - 1, 1])
-    request.update({k: rng.standard_normal(w) * 0.1 for k, w in zip(robot.state, widths)})
+    request.update({k: rng.standard_normal(w) * 0.1 for k, w in zip(robot.state, robot.state_widths)})
     return dict(request, prompt="pick up the cube")
 
 
@@ -367,7 +377,7 @@ def test_every_config_converts_and_serves_without_edits(name, fake_openpi_checkp
     c = robots.OPENPI_CONFIGS[name]
     (tmp_path / "tok.model").write_bytes(tiny_sp.serialized_model_proto())
     fast = write_hf(tmp_path / "fast", {chr(97 + i): i for i in range(8)}, [], min_token=-97)
-    convert_jax.convert(fake_openpi_checkpoints[c.model], tmp_path / "ckpt", openpi_config=name,
+    convert_jax.convert(fake_openpi_checkpoints[checkpoint_kind(c)], tmp_path / "ckpt", openpi_config=name,
                         tokenizer=str(tmp_path / "tok.model"), fast_tokenizer=fast, max_token_len=48)
     policy = policy_mod.Policy(tmp_path / "ckpt")
     robot = robots.ROBOTS[c.robot]
@@ -415,3 +425,52 @@ def test_fine_tune_on_a_lerobot_aloha_dataset_as_pi0_aloha_then_serve_it(tmp_pat
     res = run("policy.py", "plot", "--checkpoint", str(tmp_path / "run" / "final"), "--data", src, "--frames", "2",
               "--out", str(tmp_path / "plot.png"))
     assert res.returncode == 0 and (tmp_path / "plot.png").exists(), res.stderr[-2000:]
+
+
+def libero_lerobot(root):
+    """A LeRobot dataset in openpi's LIBERO layout (image, wrist_image, state 8, actions 7)."""
+    from test_readers import make_episodes, write_lerobot
+    episodes = make_episodes([20, 20], {"image": (32, 32), "wrist_image": (32, 32)}, state_dim=8, action_dim=7,
+                             task_switch=False)
+    for ep in episodes:  # actions near LIBERO's scale (the FAST tokens of normalized chunks stay few)
+        ep["action"] = np.sin(ep["action"] / 7).astype(np.float32)
+    return write_lerobot(root, "v2.1", episodes, fps=10, state_key="state", action_key="actions")
+
+
+@pytest.mark.parametrize("tokenizer", ["universal (the base checkpoint's)", "fitted, any file name"])
+def test_a_pi0_fast_fine_tune_from_a_converted_checkpoint_saves_exports_and_serves(
+        tokenizer, fake_openpi_checkpoints, tmp_path, tiny_sp):
+    """`train.py --openpi-config pi0_fast_libero --init <converted pi0-FAST>`: openpi trains with its
+    universal FAST tokenizer, which the converted checkpoint carries (an HF directory); a fitted one
+    given under any file name works too. Either way the run saves, exports and the export serves
+    LIBERO's request with the tokenizer it was trained with."""
+    import subprocess
+    import sys
+
+    from fast_universal import BYTE_TO_CHAR
+    from test_fast_universal import write_hf
+    (tmp_path / "tok.model").write_bytes(tiny_sp.serialized_model_proto())
+    # a byte-level BPE over the 256 bytes: any chunk encodes, as with the real universal tokenizer
+    universal = write_hf(tmp_path / "fast", {BYTE_TO_CHAR[b]: b for b in range(256)}, [], min_token=-64, scale=10)
+    convert_jax.convert(fake_openpi_checkpoints["pi0_fast", None], tmp_path / "base", openpi_config="pi0_fast_libero",
+                        tokenizer=str(tmp_path / "tok.model"), fast_tokenizer=universal)
+    data_dir = libero_lerobot(tmp_path / "libero")
+    run = lambda *cmd: subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True)
+    res = run("data.py", "stats", data_dir, "--openpi-config", "pi0_fast_libero")
+    assert res.returncode == 0, res.stderr[-2000:]
+    extra = []
+    if tokenizer.startswith("fitted"):
+        res = run("data.py", "fast", data_dir, "--openpi-config", "pi0_fast_libero", "--vocab-size", 300,
+                  "--out", tmp_path / "my_fast.json")
+        assert res.returncode == 0, res.stderr[-2000:]
+        extra = ["--fast-tokenizer", tmp_path / "my_fast.json"]
+    res = run("train.py", "--openpi-config", "pi0_fast_libero", "--init", tmp_path / "base", "--data", data_dir,
+              "--steps", 2, "--batch-size", 2, "--out", tmp_path / "run", *extra)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    final = tmp_path / "run" / "final"
+    name = "fast_tokenizer.json" if extra else "fast_tokenizer"
+    assert (final / name).exists() and (tmp_path / "run" / "checkpoints" / "step_0000002" / name).exists()
+    policy = policy_mod.Policy(final)
+    assert policy.fast.vocab_size == (256 if not extra else policy.fast.vocab_size) and policy.fast.vocab_size <= 300
+    out = policy.infer(robot_request(robots.ROBOTS["libero"], np.random.default_rng(2)))
+    assert out["actions"].shape == (10, 7) and "valid" in out

@@ -27,7 +27,7 @@ def make_checkpoint(path):
     stats = {"state": {"mean": np.zeros(8), "std": np.ones(8) * 2},
              "actions": {"mean": np.arange(7) * 0.1, "std": np.ones(7) * 0.5}}
     # openpi's LIBERO robot (requests in its keys, by name), without pi0_libero's deltas
-    policy = dict(robots.policy_settings("pi0_libero", use_quantiles=False), delta_mask=None)
+    policy = dict(robots.policy_settings("pi0_libero"), delta_mask=None)
     models.save_pretrained(model, path, norm_stats=stats, extra_files=[tok], json_files={"policy.json": policy})
 
 
@@ -43,7 +43,7 @@ def server(tmp_path_factory):
     """The server on a free loopback port, in a thread with its own event loop."""
     ckpt = tmp_path_factory.mktemp("ckpt") / "tiny_pi0"
     make_checkpoint(ckpt)
-    policy = policy_mod.Policy(ckpt, fast=True)
+    policy = policy_mod.Policy(ckpt, compiled=True)
     loop, ready, box = asyncio.new_event_loop(), threading.Event(), {}
 
     async def main():
@@ -103,7 +103,7 @@ def test_serve_errors_then_serves_next_client(server):
     client = WebsocketClientPolicy("127.0.0.1", port)
     bad = libero_obs(np.random.default_rng(1))
     bad["observation/image"] = np.zeros((64, 64), np.uint8)  # wrong shape
-    with pytest.raises(RuntimeError, match="expected \\(H, W, 3\\)"):
+    with pytest.raises(RuntimeError, match="expected \\(height, width, 3\\)"):
         client.infer(bad)
     client = WebsocketClientPolicy("127.0.0.1", port)  # a following client is served normally
     out = client.infer(libero_obs(np.random.default_rng(2)))
@@ -154,7 +154,7 @@ def test_oversized_request_is_refused_and_metadata_describes_the_checkpoint(tmp_
     import websockets.sync.client
     ckpt = tmp_path / "ckpt"
     make_checkpoint(ckpt)
-    policy = policy_mod.Policy(ckpt, fast=True)
+    policy = policy_mod.Policy(ckpt, compiled=True)
     meta = policy_mod.server_metadata(policy)
     assert meta == {"model": "pi0", "action_horizon": 6, "action_dim": 7, "robot": "libero",
                     "openpi_config": "pi0_libero", "cameras": ["observation/image", "observation/wrist_image"],

@@ -7,17 +7,21 @@ import numpy as np
 import pytest
 import torch
 
+import pi05
 import sim
-from data import HDF5Dataset, Transforms, collate, load_norm_stats
+import tasks
+from data import Transforms, load_norm_stats
+from loader import collate
+from readers import HDF5Dataset
 
 
 def random_policy():
-    return sim.RandomPolicy(-1.0, 1.0, action_dim=2)
+    return tasks.RandomPolicy(-1.0, 1.0, action_dim=2)
 
 
 def test_expert_solves_the_task_and_a_random_policy_does_not():
     # the privileged expert that writes the demos
-    env, wins = sim.ReachEnv(), 0
+    env, wins = tasks.ReachEnv(), 0
     for seed in range(100):
         env.reset(seed)
         done = False
@@ -26,11 +30,11 @@ def test_expert_solves_the_task_and_a_random_policy_does_not():
         wins += success
     assert wins >= 95
     # the expert that sees only the observation, and a random policy, through evaluate()
-    expert = sim.evaluate(sim.ExpertPolicy(), "builtin", 100, progress=False)
+    expert = sim.evaluate(tasks.ExpertPolicy(), "builtin", 100, progress=False)
     random = sim.evaluate(random_policy(), "builtin", 100, progress=False)
     assert expert["success_rate"] >= 0.95, expert["success_rate"]
     assert random["success_rate"] <= 0.10, random["success_rate"]
-    assert expert["mean_length"] < sim.MAX_STEPS < random["mean_length"] + 5
+    assert expert["mean_length"] < tasks.MAX_STEPS < random["mean_length"] + 5
 
 
 def test_evaluation_is_reproducible_and_follows_the_chunk_broker():
@@ -40,17 +44,17 @@ def test_evaluation_is_reproducible_and_follows_the_chunk_broker():
     assert a["results"] == b["results"] and a["successes"] == b["successes"]
     assert [r["prompt"] for r in a["results"]] != [r["prompt"] for r in c["results"]]
     # n_action_steps actions of each chunk run before the next call; episodes share each call
-    r = sim.evaluate(sim.ExpertPolicy(chunk_size=6), "builtin", 20, n_action_steps=4, batch_size=20, progress=False)
+    r = sim.evaluate(tasks.ExpertPolicy(chunk_size=6), "builtin", 20, n_action_steps=4, batch_size=20, progress=False)
     assert r["policy_calls"] == math.ceil(max(x["length"] for x in r["results"]) / 4)
 
 
 def test_bad_actions_raise():
-    env = sim.ReachEnv()
+    env = tasks.ReachEnv()
     env.reset(0)
     with pytest.raises(ValueError, match="action must be 2"):
         env.step(np.zeros(3))
     with pytest.raises(ValueError, match="expected"):
-        sim.evaluate(sim.RandomPolicy(0, 1, action_dim=3), "builtin", 2, progress=False)
+        sim.evaluate(tasks.RandomPolicy(0, 1, action_dim=3), "builtin", 2, progress=False)
 
 
 def test_wilson_interval():
@@ -62,10 +66,10 @@ def test_demos_write_what_training_reads(tmp_path, capsys):
     sim.main(["demos", "--episodes", "5", "--out", str(tmp_path)])
     assert "expert success 5/5" in capsys.readouterr().out
     ds = HDF5Dataset(tmp_path, chunk_size=6)
-    assert ds.num_episodes == 5 and ds.fps == sim.FPS and ds.cameras == ["top"]
+    assert ds.num_episodes == 5 and ds.fps == tasks.FPS and ds.cameras == ["top"]
     sample = ds[0]
-    env = sim.ReachEnv()
-    first = env.reset(sim.DEMO_SEED)
+    env = tasks.ReachEnv()
+    first = env.reset(tasks.DEMO_SEED)
     assert sample["prompt"] == env.prompt and sample["images"]["top"].shape == (56, 56, 3)
     np.testing.assert_array_equal(sample["images"]["top"], first["images"]["top"])
     np.testing.assert_allclose(sample["state"], first["state"])
@@ -81,7 +85,7 @@ def test_demos_write_what_training_reads(tmp_path, capsys):
     assert sp.get_piece_size() <= 512 and (sp.pad_id(), sp.eos_id(), sp.bos_id()) == (0, 1, 2)
     assert len(sp.encode("\n")) == 1 and len(sp.encode("Action: |")) <= 3
     for prompt in ["move to the yellow square", "reach the red ball"]:
-        text = sim.pi05_prompt_text(prompt, [-1, 255, 0, 128])
+        text = pi05.prompt_text(prompt, [-1, 255, 0, 128])
         assert not any(sp.is_byte(i) for i in sp.encode(text)), [sp.id_to_piece(i) for i in sp.encode(text)]
 
     # one demo batch through the tiny pi0.5: the data fit the model the project demo trains
@@ -108,7 +112,7 @@ def test_eval_command_writes_summary_and_gif(tmp_path, capsys):
 def test_pusht_adapter_closed_loop():
     pytest.importorskip("gym_pusht")
 
-    class Checked(sim.RandomPolicy):
+    class Checked(tasks.RandomPolicy):
         def infer_batch(self, observations, noise=None):
             for obs in observations:
                 assert obs["images"]["observation.image"].shape == (96, 96, 3)
