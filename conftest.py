@@ -1,4 +1,5 @@
-"""Shared test helpers: the project root on sys.path, and openpi JAX fixtures as our batch dict.
+"""Shared test helpers (tests/ and experiments/*/): openpi JAX fixtures as our batch dict, a tiny
+SentencePiece model, random batches.
 
 The fixture root comes from the environment variable JAX_REFERENCE_DIR (default: the copy under
 tests/jax_reference). Every model is built from the fixture folder's own config.json, so any
@@ -6,14 +7,19 @@ folder of that layout (other seeds, batch sizes, widths, heads, horizons) is tes
 """
 
 import json
+import io
 import os
 import sys
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paligemma import GemmaConfig, SiglipConfig
+from paligemma import random_batch  # noqa: F401  (the tests' random batches)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -40,7 +46,6 @@ class JaxFixture:
 
     def model_config(self, config_cls):
         """Our config for this fixture, from its config.json alone."""
-        from paligemma import GemmaConfig, SiglipConfig
         c = self.config
         sig = c["siglip"]
         gemma = lambda g: GemmaConfig(**{k: g[k] for k in ("width", "depth", "mlp_dim", "num_heads",
@@ -90,9 +95,6 @@ def assert_close(actual, expected, rtol, atol, name=""):
 def train_tiny_sentencepiece(sentences, vocab_size=400):
     """A tiny SentencePiece model trained offline, shaped like PaliGemma's: pad 0, EOS 1, BOS 2,
     "\\n" a single piece, no dummy prefix, byte fallback for unseen characters."""
-    import io
-
-    import sentencepiece as spm
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
@@ -107,23 +109,3 @@ def tiny_sp():
     words = ["pick up the red block", "push the blue cube to the left", "reach the green ball",
              "Task: insert the peg, State: 12 128 255 0 7 64;", "Action: 1 2 3 | done"]
     return train_tiny_sentencepiece(words * 40)
-
-
-def random_batch(cfg, B=2, seed=0, actions=True):
-    """A random batch dict for a model config (images in [-1, 1], padded prompts)."""
-    g = torch.Generator().manual_seed(seed)
-    V, R, L = len(cfg.cameras), cfg.vision.image_size, cfg.max_token_len
-    lengths = torch.randint(2, L + 1, (B,), generator=g)
-    batch = {
-        "images": torch.rand(B, V, 3, R, R, generator=g) * 2 - 1,
-        "image_masks": torch.ones(B, V, dtype=torch.bool),
-        "state": torch.randn(B, cfg.action_dim, generator=g),
-        "tokens": torch.randint(3, cfg.vocab_size, (B, L), generator=g),
-        "token_masks": torch.arange(L)[None, :] < lengths[:, None],
-    }
-    batch["tokens"] = batch["tokens"] * batch["token_masks"]
-    if V > 1:
-        batch["image_masks"][-1, -1] = False  # one missing camera
-    if actions:
-        batch["actions"] = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=g)
-    return batch

@@ -1,8 +1,9 @@
-"""recap.py: returns and bins, the N-step advantage, the value function's readout, indicator
-dropout, classifier-free guidance, the sidecar file, and pi0 / pi0.5 trained with the indicator."""
+"""The RECAP experiment: returns and bins, the N-step advantage, the value function's readout,
+cross-fitting, the time-aware value, advantages as the dataset's prompt conditions, pi0 / pi0.5
+trained with the indicator, and the demo end to end at toy size. (The library's side, prompt
+conditions, their dropout and classifier-free guidance, is tested in tests/.)"""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, random_batch
+from conftest import ROOT
 
 import data
-import recap
+import loader
+import models
+import readers
+import tasks
+from experiments.recap import recap
 
 
 def test_rewards_returns_and_bins_by_hand():
@@ -60,7 +65,7 @@ def write_labelled(folder, outcomes, seed=0, correction=None):
                                    {"top": rng.integers(0, 256, (length, 56, 56, 3), dtype=np.uint8)},
                                    prompt=["reach the red ball", "go to the blue square"][e % 2], fps=10,
                                    attrs={"success": ok, **({} if correction is None else {"correction": correction[e]})})
-    ds = data.open_dataset(folder, chunk_size=4)
+    ds = readers.open_dataset(folder, chunk_size=4)
     data.save_norm_stats(data.compute_norm_stats(ds, progress=False), folder / "norm_stats.json")
     return ds
 
@@ -110,79 +115,26 @@ def test_readout_token_is_never_padding_and_reads_the_input():
         torch.testing.assert_close(vf.value(padded), v)
 
 
-def test_indicator_dropout_rate_and_exactness():
-    import argparse
-
-    import train
-    a = argparse.Namespace(seed=0, batch_size=2000, indicator_dropout=0.3)
-    cond, uncond = torch.ones(2000, 4, dtype=torch.long), torch.zeros(2000, 4, dtype=torch.long)
-    batch = {"tokens": cond, "token_masks": cond.bool(), "uncond_tokens": uncond, "uncond_token_masks": uncond.bool()}
-    out = train.drop_indicator(dict(batch), 3, a, 0, 1)
-    dropped = (out["tokens"][:, 0] == 0).float().mean().item()
-    assert abs(dropped - 0.3) < 0.04 and "uncond_tokens" not in out
-    halves = [train.drop_indicator(dict({k: v[r::2] for k, v in batch.items()}), 3, a, r, 2) for r in range(2)]
-    assert torch.equal(halves[1]["tokens"], out["tokens"][1::2])  # ranks take their rows of one draw
-
-
-@pytest.mark.parametrize("name", ["pi0", "pi05"])
-def test_cfg_with_beta_one_is_plain_conditioned_sampling(name):
-    import models
-    torch.manual_seed(0)
-    cfg = models.preset(name, "tiny")
-    model = models.build(cfg).eval()
-    with torch.no_grad():  # some projections start at zero: give every weight a say in the output
-        for p_ in model.parameters():
-            p_.add_(torch.randn_like(p_) * 0.05)
-    batch = random_batch(cfg, B=2, actions=False)
-    uncond = random_batch(cfg, B=2, seed=1, actions=False)
-    batch.update(uncond_tokens=uncond["tokens"], uncond_token_masks=uncond["token_masks"])
-    noise = torch.randn(2, cfg.action_horizon, cfg.action_dim)
-    with torch.no_grad():
-        plain = model.sample_actions(batch, noise, num_steps=4)
-        guided = model.sample_actions(batch, noise, num_steps=4, cfg_beta=1.0)
-        unconditioned = model.sample_actions(dict(batch, tokens=uncond["tokens"], token_masks=uncond["token_masks"]),
-                                             noise, num_steps=4)
-        zero = model.sample_actions(batch, noise, num_steps=4, cfg_beta=0.0)
-        strong = model.sample_actions(batch, noise, num_steps=4, cfg_beta=3.0)
-    torch.testing.assert_close(guided, plain, atol=1e-5, rtol=0)
-    torch.testing.assert_close(zero, unconditioned, atol=1e-5, rtol=0)  # beta 0: the unconditioned policy
-    assert (strong - plain).abs().max() > 1e-4
-
-
-def test_indicator_sits_after_task_and_state_and_before_the_actions(tiny_sp):
-    import pi0
-    import pi05
-    ids, mask = pi05.tokenize_prompt(tiny_sp, "pick up the red block", np.array([0.0, 0.5]), 64, indicator=True)
-    text = tiny_sp.decode(ids[mask].tolist())
-    assert text.endswith("State: 128 192;\nAdvantage: positive;\nAction: ")
-    ids, mask = pi0.tokenize_prompt(tiny_sp, "pick up the red block", 64, indicator=False)
-    assert tiny_sp.decode(ids[mask].tolist()) == "pick up the red block\nAdvantage: negative\n"
-
-
-def test_sidecar_round_trips_and_a_missing_one_is_a_clear_error(tmp_path):
+def test_advantages_are_written_as_the_datasets_prompt_conditions(tmp_path):
     ds = write_labelled(tmp_path / "d", [(4, True), (5, False), (3, True), (6, False)], correction=[0, 0, 0, 1])
-    import models
-    import sim
-    sim.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
+    tasks.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
     vf = tiny_value(vocab_size=512, max_token_len=32)
     models.save_pretrained(vf, tmp_path / "v", norm_stats=data.load_norm_stats(tmp_path / "d" / "norm_stats.json"),
                            extra_files=[(str(tmp_path / "tok.model"), "tokenizer.model")])
     vf = recap.load_value(tmp_path / "v")
     (table,) = recap.compute_advantages(vf, [ds], n_steps=2, positive_fraction=0.3)
-    path = recap.sidecar_path(tmp_path / "d")
-    assert path == str((tmp_path / "d").resolve()) + ".advantages.json"  # beside the dataset, not in it
-    recap.write_advantages(path, table)
-    back = recap.read_advantages(path, ds)
-    assert back["episodes"] == json.loads(json.dumps(table["episodes"]))
+    path = recap.write_advantages(tmp_path / "d", table)
+    assert path == str((tmp_path / "d").resolve()) + ".conditions.json"  # beside the dataset, not in it
+    back = data.read_conditions(path, ds)  # what train.py --conditions 1 reads
+    assert back["serve"] == "Advantage: positive"
     assert all(back["episodes"]["3"]["positive"])  # a correction: every frame positive
-    wrapped = recap.RecapDataset(ds, back)
-    assert wrapped[5]["indicator"] == back["episodes"]["1"]["positive"][1]  # episode 1, frame 1
-    os.remove(path)
-    with pytest.raises(FileNotFoundError, match="recap.py advantages --value"):
-        recap.read_advantages(path, ds)
+    assert back["episodes"]["3"]["condition"] == ["Advantage: positive"] * 6
+    wrapped = data.ConditionedDataset(ds, back)
+    positive = back["episodes"]["1"]["positive"][1]  # episode 1, frame 1
+    assert wrapped[5]["condition"] == recap.indicator(positive) == f"Advantage: {'positive' if positive else 'negative'}"
 
 
-class Recording(data.DatasetView):
+class Recording(readers.DatasetView):
     def __init__(self, dataset):
         super().__init__(dataset)
         self.seen = set()
@@ -193,10 +145,8 @@ class Recording(data.DatasetView):
 
 
 def test_cross_fitting_values_each_episode_with_the_function_that_never_saw_it(tmp_path):
-    import models
-    import sim
     ds = write_labelled(tmp_path / "d", [(4, True), (5, False), (3, True), (6, False), (2, True)])
-    sim.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
+    tasks.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
     stats, tok = tmp_path / "d" / "norm_stats.json", tmp_path / "tok.model"
     # fold 0 of 2 holds out episodes 0, 2, 4: training draws only frames of episodes 1 and 3
     seen = Recording(ds)
@@ -239,10 +189,8 @@ def test_a_value_blind_to_time_rates_a_failure_near_the_time_limit_as_better_tha
 def test_time_aware_value_reads_the_frame_time_and_keeps_its_inputs(tmp_path):
     import dataclasses
 
-    import models
-    import sim
     ds = write_labelled(tmp_path / "d", [(6, True), (6, False)])
-    sp = sim.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
+    sp = tasks.train_tokenizer(tmp_path / "tok.model", vocab_size=400)
     stats = tmp_path / "d" / "norm_stats.json"
     vf = tiny_value(vocab_size=512, max_token_len=32)
     s = ds[2]
@@ -256,7 +204,7 @@ def test_time_aware_value_reads_the_frame_time_and_keeps_its_inputs(tmp_path):
     assert f", Step: {s['frame_index'] + 7}," in sp.decode(np.asarray(y["tokens"])[np.asarray(y["token_masks"])].tolist())
     vf.cfg = timed_cfg
     with torch.no_grad():
-        v = vf.value(data.collate([x, y]))
+        v = vf.value(loader.collate([x, y]))
     assert abs(v[0] - v[1]) > 1e-6  # the value changes with the time alone
     models.save_pretrained(vf, tmp_path / "v", norm_stats=data.load_norm_stats(stats),
                            extra_files=[(str(tmp_path / "tok.model"), "tokenizer.model")])
@@ -268,24 +216,23 @@ def test_time_aware_value_reads_the_frame_time_and_keeps_its_inputs(tmp_path):
 
 @pytest.mark.parametrize("model", ["pi0", "pi05"])
 def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_path):
-    import sim
     ds_dir = tmp_path / "d"
     write_labelled(ds_dir, [(6, True), (8, False), (5, True), (8, False)])
-    sim.train_tokenizer(ds_dir / "tokenizer.model", vocab_size=400,
+    tasks.train_tokenizer(ds_dir / "tokenizer.model", vocab_size=400,
                         extra=["\nAdvantage: positive", "\nAdvantage: negative"])
-    ds = data.open_dataset(ds_dir, chunk_size=1)
-    table = {"format": "recap-advantages", "version": 1, "episodes": {
+    ds = readers.open_dataset(ds_dir, chunk_size=1)
+    table = {"episodes": {
         str(e): {"positive": [bool((e + t) % 2) for t in range(int(n))], "advantage": [0.0] * int(n)}
         for e, n in enumerate(ds.ep_end - ds.ep_start)}}
-    recap.write_advantages(recap.sidecar_path(ds_dir), table)
-    res = subprocess.run([sys.executable, "train.py", "--model", model, "--data", str(ds_dir), "--recap", "1",
+    recap.write_advantages(ds_dir, table)
+    res = subprocess.run([sys.executable, "train.py", "--model", model, "--data", str(ds_dir), "--conditions", "1",
                           "--steps", "2", "--batch-size", "4", "--eval-episodes", "0", "--out", str(tmp_path / "run")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     from policy import Policy
     policy = Policy(tmp_path / "run" / "final")
-    assert policy.settings["recap"] == {"indicator": "positive", "cfg_beta": 1.0}
-    obs = sim.ReachEnv().reset(3)
+    assert policy.settings["condition"] == {"text": "Advantage: positive", "cfg_beta": 1.0}
+    obs = tasks.ReachEnv().reset(3)
     batch, _ = policy.model_inputs([obs])
     assert "uncond_tokens" in batch and not torch.equal(batch["tokens"], batch["uncond_tokens"])
     noise = np.random.default_rng(0).standard_normal((1, policy.model.cfg.action_horizon, policy.model.cfg.action_dim))
@@ -295,10 +242,10 @@ def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_pa
 
 
 def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
-    """recap.py demo at toy sizes: mixed demos, imitation, value, advantages, RECAP, CFG, own
-    rollouts, a second iteration; the table, recap.json (with V's separation) and value.png."""
+    """The demo at toy sizes: mixed demos, imitation, value, advantages, RECAP, CFG, own rollouts,
+    a second iteration; the table, recap.json (with V's separation) and value.png."""
     out = tmp_path / "recap"
-    res = subprocess.run([sys.executable, "recap.py", "demo", "--out", str(out), "--episodes", "16", "--steps", "2",
+    res = subprocess.run([sys.executable, "-m", "experiments.recap", "demo", "--out", str(out), "--episodes", "16", "--steps", "2",
                           "--value-steps", "2", "--rollouts", "4", "--finetune-steps", "2", "--eval-episodes", "4"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -309,5 +256,5 @@ def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
     assert set(result["value"]) == {"success", "failure", "last_frame_auc"}
     assert (out / "value.png").exists() and sum(line.startswith("| ") for line in (out / "recap.md").read_text().splitlines()) == 5
     for d in ("data", "rollouts1"):  # advantages beside each dataset, the data untouched
-        assert Path(recap.sidecar_path(out / d)).exists()
+        assert Path(data.conditions_path(out / d)).exists()
     assert len(list((out / "rollouts1").glob("episode_*.hdf5"))) == 4
