@@ -9,10 +9,13 @@ FSDP2 shards are gathered to full tensors (a collective every rank joins); rank 
 """
 
 import glob
+import hashlib
+import json
 import os
 import re
 import shutil
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -53,12 +56,17 @@ def save_training_state(ckpt_root, model, opt, ema, loader, step, run, a):
     os.makedirs(ckpt_root, exist_ok=True)
     path = os.path.join(ckpt_root, f"step_{step:07d}")
     tmp = f"{path}.tmp-{os.getpid()}"
-    models.write_checkpoint(model, tmp, norm_stats=run["transforms"][0].norm_stats, extra_files=run["files"],
-                            state_dict=merged)
-    torch.save({"step": step, "optimizer": opt_state, "rng": rngs, "data": loader.state_dict(),
-                "ema": ema_full, "args": recipes.as_dict(a), "weights": state}, os.path.join(tmp, "train_state.pt"))
-    models.crash_point("state-written")
-    models.publish(tmp, path)
+    try:
+        models.write_checkpoint(model, tmp, norm_stats=run["transforms"][0].norm_stats, extra_files=run["files"],
+                                state_dict=merged)
+        torch.save({"step": step, "optimizer": opt_state, "rng": rngs, "data": loader.state_dict(), "ema": ema_full,
+                    "args": recipes.as_dict(a), "data_fingerprint": run["fingerprint"], "weights": state},
+                   os.path.join(tmp, "train_state.pt"))
+        models.crash_point("state-written")
+        models.publish(tmp, path)
+    except Exception:  # disk full, say: nothing half-written stays behind, the previous checkpoint is intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(glob.glob(os.path.join(ckpt_root, "step_*"))):
         if old != path and re.fullmatch(r"step_\d+", os.path.basename(old)):
             os.replace(old, old + ".deleting")
@@ -78,20 +86,48 @@ def latest_checkpoint(ckpt_root):
     return done[-1]
 
 
-def check_resume_args(saved, a, path):
-    """A changed knob that shapes the run is an error naming old and new, unless --resume-allow."""
+PATH_KNOBS = ("data", "init", "tokenizer", "norm_stats", "fast_tokenizer")
+
+
+def same_paths(value):
+    """A path knob as compared on resume: 'my_data/' and 'my_data' are one path (what is in it is
+    compared by data_fingerprint)."""
+    if isinstance(value, list):
+        return [same_paths(v) for v in value]
+    return os.path.normpath(value) if isinstance(value, str) and value != "fit" else value
+
+
+def data_fingerprint(datasets, transforms):
+    """What a run trains on, by content: per dataset its episodes and frames, and a hash of the
+    norm stats it is normalized with. New episodes or new stats at the same path are a change."""
+    out = []
+    for ds, t in zip(datasets, transforms):
+        stats = {k: {s: np.asarray(v, np.float64).round(10).tolist() for s, v in d.items()}
+                 for k, d in (t.norm_stats or {}).items()}
+        digest = hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
+        out.append({"episodes": int(ds.num_episodes), "frames": len(ds), "norm_stats": digest})
+    return out
+
+
+def check_resume_args(saved, a, path, saved_data=None, data=None):
+    """A changed knob that shapes the run, or changed data behind the same paths, is an error
+    naming old and new, unless --resume-allow names it ("data" for the data's content)."""
     allowed = set(filter(None, a.resume_allow.replace("-", "_").split(",")))
     now = recipes.as_dict(a)
+    same = lambda k, v: same_paths(v) if k in PATH_KNOBS else v
     changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now[k]!r}" for k in recipes.resume_knobs()
-               if k not in allowed and saved.get(k) != now[k]]
+               if k not in allowed and same(k, saved.get(k)) != same(k, now[k])]
+    if saved_data is not None and saved_data != data and "data" not in allowed:
+        changed += [f"dataset {i}'s content was {old}, now {new}" for i, (old, new) in enumerate(zip(saved_data, data))
+                    if old != new] or [f"the datasets were {saved_data}, now {data}"]
     if changed:
         raise ValueError(f"--resume from {path}: " + "; ".join(changed)
                          + " (pass --resume-allow NAME,... to continue with the change anyway)")
 
 
-def load_training_state(path, model, opt, ema, loader, rank, a):
+def load_training_state(path, model, opt, ema, loader, rank, a, fingerprint=None):
     state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
-    check_resume_args(state["args"], a, path)
+    check_resume_args(state["args"], a, path, state.get("data_fingerprint"), fingerprint)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(model, state["weights"], options=options)
     # parameters that never had a gradient (e.g. an insulated VLM) have no AdamW state yet

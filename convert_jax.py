@@ -48,6 +48,7 @@ from tqdm import tqdm
 import robots
 from paligemma import GemmaConfig, SiglipConfig
 import models
+from cli import main_guard
 from lora import LoRALinear, apply_openpi_lora, merged_state
 from models import build_meta, load_sentencepiece, save_pretrained
 
@@ -315,8 +316,12 @@ def read_orbax(params_dir):
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})  # no cache: one copy at a time
     kvstore = {"driver": "ocdbt", "base": f"file://{os.path.abspath(params_dir)}/"}
     files = {k.decode() for k in ts.KvStore.open(kvstore, context=context).result().list().result()}
-    with open(os.path.join(params_dir, "_METADATA")) as f:
-        tree = json.load(f)["tree_metadata"]
+    meta = os.path.join(params_dir, "_METADATA")
+    try:
+        with open(meta) as f:
+            tree = json.load(f)["tree_metadata"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta}: not an orbax tree ({type(e).__name__}: {e}); the checkpoint is damaged") from None
     arrays = {}
     for keys in ([str(k["key"]) for k in leaf["key_metadata"]] for leaf in tree.values()):
         name = ".".join(keys)
@@ -554,4 +559,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with main_guard():
+        main()

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import recipes
 import robots
+from cli import above, at_least, main_guard
 from fast_targets import fit_tokenizer
 from fast_tokenizer import report
 from readers import DatasetView, as_uint8_image, check_finite, open_dataset
@@ -141,11 +142,12 @@ def unnormalize(x, stats, use_quantiles):
     return (x * (std + 1e-6) + mean).astype(np.float32)
 
 
-def pad_last(x, width):
+def pad_last(x, width, name="data"):
     """Zero-pad the last axis to `width` (openpi's PadStatesAndActions); returns (padded, mask)."""
     d = x.shape[-1]
     if d > width:
-        raise ValueError(f"data has {d} dims, more than the model width {width}")
+        raise ValueError(f"{name} has {d} dims, more than the model's width {width}: a wider model (train.py from "
+                         f"scratch takes the data's width; openpi's checkpoints take 32), or fewer dims")
     padded = np.zeros((*x.shape[:-1], width), np.float32)
     padded[..., :d] = x
     return padded, np.arange(width) < d
@@ -429,7 +431,7 @@ class Transforms:
         # pi0.5 puts the normalized, unpadded state into its prompt; pi0 ignores it
         tokens, token_masks = self.tokenize(sample["prompt"], state)
         out = dict(images=np.stack(views), image_masks=np.array(masks),
-                   state=pad_last(state, self.state_dim)[0] if self.state_dim else state,
+                   state=pad_last(state, self.state_dim, "state")[0] if self.state_dim else state,
                    tokens=np.asarray(tokens, np.int64), token_masks=np.asarray(token_masks, bool))
         if sample.get("condition") is not None:  # the prompt with its condition, and without it
             out["uncond_tokens"], out["uncond_token_masks"] = out["tokens"], out["token_masks"]
@@ -443,7 +445,7 @@ class Transforms:
             if self.targets is not None:
                 out.update(self.targets(sample["prompt"], state, actions))
             width = self.action_dim or actions.shape[-1]
-            actions, dim_mask = pad_last(actions, width)
+            actions, dim_mask = pad_last(actions, width, "actions")
             is_pad = np.asarray(sample.get("action_is_pad", np.zeros(len(actions), bool)))
             step_mask = ~is_pad if self.mask_padded_steps else np.ones(len(actions), bool)
             out.update(actions=actions, action_masks=step_mask[:, None] & dim_mask[None, :])
@@ -533,18 +535,20 @@ def main(argv=None):
     parser.add_argument("dataset", help="LeRobot dataset directory, or HDF5 episode file / directory")
     parser.add_argument("--out", default=None, help="stats: norm_stats.json to write (default: in the dataset); "
                         "fast: the tokenizer's JSON file (default: fast_tokenizer.json)")
-    parser.add_argument("--chunk-size", type=int, default=50, help="action chunk: the model's horizon (used with "
+    parser.add_argument("--chunk-size", type=at_least(1), default=50, help="action chunk: the model's horizon (used with "
                         "--delta-mask, and by fast: pi0-FAST 10 on LIBERO, 50 on ALOHA)")
     parser.add_argument("--norm-stats", default=None, help="fast: the stats to normalize with (default: the dataset's)")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="fast: symbols + merges")
-    parser.add_argument("--max-chunks", type=int, default=20000, help="fast: fit on a random subset this big")
+    parser.add_argument("--vocab-size", type=at_least(2), default=1024, help="fast: symbols + merges")
+    parser.add_argument("--max-chunks", type=at_least(1), default=20000, help="fast: fit on a random subset this big")
     parser.add_argument("--delta-mask", default=None, help="e.g. 6,-1,6,-1: stats of delta actions")
     parser.add_argument("--openpi-config", default=None, metavar="NAME",
                         help="stats of what openpi config NAME trains on (robots.py: its repack, robot transforms, "
                              "deltas), exactly what train.py --openpi-config normalizes")
+    parser.add_argument("--cameras", default=None, help="with --openpi-config: the robot's camera keys where the "
+                        "dataset names them otherwise, e.g. cam_high=observation.images.top")
     parser.add_argument("--prompt", default=None, help="HDF5: prompt for files without a 'prompt' attribute")
-    parser.add_argument("--fps", type=float, default=None, help="HDF5: fps for files without an 'fps' attr")
-    parser.add_argument("--batch-size", type=int, default=None, help="stats: openpi's batches (default: the "
+    parser.add_argument("--fps", type=above(0), default=None, help="HDF5: fps for files without an 'fps' attr")
+    parser.add_argument("--batch-size", type=at_least(1), default=None, help="stats: openpi's batches (default: the "
                         "--openpi-config's training batch size, else 32); its last partial batch is left out, as openpi's")
     parser.add_argument("--per-frame", action="store_true", help="stats: every frame once, exact mean and std, "
                         "order-free quantiles (ours); default: openpi's pass over every chunk window")
@@ -558,7 +562,8 @@ def main(argv=None):
     mask = robots.make_bool_mask(*[int(d) for d in args.delta_mask.split(",")]) if args.delta_mask else None
     if args.openpi_config:
         c = robots.openpi_config(args.openpi_config)
-        dataset = robots.open_robot_dataset(args.dataset, args.openpi_config, c.action_horizon or args.chunk_size)
+        dataset = robots.open_robot_dataset(args.dataset, args.openpi_config, c.action_horizon or args.chunk_size,
+                                            robots.parse_cameras(args.cameras))
         given, mask = mask, robots.policy_settings(args.openpi_config)["delta_mask"]
         if given is not None and list(given) != mask:
             raise ValueError(f"--delta-mask {args.delta_mask} disagrees with {args.openpi_config}'s {mask}")
@@ -584,4 +589,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with main_guard():
+        main(sys.argv[1:])

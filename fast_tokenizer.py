@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -113,6 +114,8 @@ class FASTTokenizer:
         self.vocab, self.base = vocab, base
         self.merges = {(a, b): new for a, b, new in merges}  # dict order = merge rank
         self.rank = {pair: r for r, pair in enumerate(self.merges)}
+        if not (math.isfinite(scale) and scale > 0):  # a coefficient is rounded to 1/scale
+            raise ValueError(f"scale {scale}: must be a finite number > 0 (the DCT coefficients are rounded to 1/scale)")
         self.scale, self.min_token = float(scale), int(min_token)
         self.time_horizon, self.action_dim = time_horizon, action_dim  # None: any (universal)
         self.pretokenizer = pretokenizer
@@ -132,7 +135,8 @@ class FASTTokenizer:
         dims = {"time_horizon": (self.time_horizon, c), "action_dim": (self.action_dim, a)}
         for name, (fixed, got) in dims.items():
             if fixed is not None and got is not None and fixed != got:
-                raise ValueError(f"chunk has {name}={got}, but this tokenizer was fitted for {fixed}")
+                raise ValueError(f"chunk has {name}={got}, but this tokenizer was fitted for {fixed}: fit one on "
+                                 f"chunks of the model's shape (data.py fast DATASET --chunk-size C)")
 
     # -- actions <-> symbols ------------------------------------------------------------------
 
@@ -251,6 +255,8 @@ class FASTTokenizer:
         if chunks.ndim != 3 or not np.isfinite(chunks).all():
             raise ValueError(f"fit expects finite chunks of shape (N, C, A), got shape {chunks.shape}")
         n, c, a = chunks.shape
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale {scale}: must be a finite number > 0 (the DCT coefficients are rounded to 1/scale)")
         q = np.around(dct(chunks, axis=1) * scale).astype(np.int64).reshape(n, c * a)  # (B, C*A)
         min_token, num_symbols = int(q.min()), int(q.max() - q.min()) + 1
         if vocab_size < num_symbols:
@@ -444,10 +450,7 @@ def main(argv=None):
     else:
         chunks = smooth_chunks(4000, seed=0)
     t0 = time.perf_counter()
-    try:
-        tok = FASTTokenizer.fit(chunks, vocab_size=args.vocab_size, scale=getattr(args, "scale", 10.0))
-    except ValueError as e:  # bad data is the user's to fix: say what, without a traceback
-        raise SystemExit(f"fit: {e}")
+    tok = FASTTokenizer.fit(chunks, vocab_size=args.vocab_size, scale=getattr(args, "scale", 10.0))
     print(f"fitted {tok} on {len(chunks)} chunks in {time.perf_counter() - t0:.1f}s")
     report(tok, chunks[::max(1, len(chunks) // 2000)])  # about 2000 of them are plenty
     if args.command == "fit":
@@ -459,4 +462,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:  # a user's mistake is one line (this file stands alone: no cli.py); PI_DEBUG=1 for the traceback
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("PI_DEBUG", "") not in ("", "0"):
+            raise
+        sys.exit(f"error: {e}")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import models
+from cli import at_least, main_guard
 from paligemma import GemmaConfig, SiglipConfig, random_batch
 from pi0 import euler, euler_times
 
@@ -335,24 +336,28 @@ def bench_fast(args, model, batch, settings, dtype, random_weights):
     return result
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="latency per phase, TFLOP/s, GB/s, peak memory")
     b.add_argument("--model", choices=list(models.MODELS), default="pi0", help="model (random weights)")
-    b.add_argument("--decode-tokens", type=int, default=32, help="pi0-FAST: answer tokens decoded per call")
+    b.add_argument("--decode-tokens", type=at_least(1), default=32, help="pi0-FAST: answer tokens decoded per call")
     b.add_argument("--config", default="small", help="preset: full, tiny, small (see bench_config)")
     b.add_argument("--checkpoint", help="checkpoint directory (instead of random weights)")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--views", type=int, default=3, help="camera views (random weights only)")
-    b.add_argument("--prompt-len", type=int, default=48, help="prompt tokens (random weights only)")
-    b.add_argument("--iters", type=int, default=20, help="timed runs after warm-up")
+    b.add_argument("--batch", type=at_least(1), default=1)
+    b.add_argument("--views", type=at_least(1), default=3, help="camera views (random weights only)")
+    b.add_argument("--prompt-len", type=at_least(1), default=48, help="prompt tokens (random weights only)")
+    b.add_argument("--iters", type=at_least(1), default=20, help="timed runs after warm-up")
     b.add_argument("--compare-uncached", action="store_true",
                    help="also time the readable sampler and a prefix recomputed every step")
-    b.add_argument("--steps", type=int, default=10, help="Euler steps")
+    b.add_argument("--steps", type=at_least(1), default=10, help="Euler steps")
     b.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     b.add_argument("--device", help="default: cuda if available, else cpu")
     b.add_argument("--compile", default=None, help='torch.compile mode ("default", "max-autotune", ...)')
     b.add_argument("--cuda-graph", action="store_true", help="one CUDA graph over the denoising loop")
-    args = parser.parse_args()
-    bench(args)
+    bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    with main_guard():
+        main()

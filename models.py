@@ -149,6 +149,10 @@ def load_weights(model, weights, dtypes, device):
             for r in range(0, shape[0], rows):
                 out[r:r + rows] = part[r:r + rows].to(dtype)
             state[name] = out
+    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:  # one NaN weight makes every action NaN: refuse it here, not at the robot
+        raise ValueError(f"{weights}: NaN or inf in {len(broken)} tensor(s): {', '.join(broken[:5])}"
+                         f"{', ...' if len(broken) > 5 else ''}")
     load_state_strict(model, state, assign=True)
     return model
 
@@ -279,8 +283,12 @@ def save_pretrained(model, path, norm_stats=None, extra_files=(), json_files=Non
     """
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    write_checkpoint(model, tmp, norm_stats, extra_files, json_files, state_dict)
-    publish(tmp, path)
+    try:
+        write_checkpoint(model, tmp, norm_stats, extra_files, json_files, state_dict)
+        publish(tmp, path)
+    except Exception:  # a failed write (disk full, a missing file) leaves nothing behind; the old copy stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -379,8 +379,13 @@ class Pi0(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Prompt format (openpi's PaligemmaTokenizer for pi0)
 
-def pad_tokens(ids, max_len):
-    """Right-pad ids with 0 to max_len -> (tokens int64, mask bool). Too long: truncate, warn."""
+def pad_tokens(ids, max_len, condition=None):
+    """Right-pad ids with 0 to max_len -> (tokens int64, mask bool). Too long: truncate, warn, as
+    openpi does; but a prompt with a condition is an error, as the cut would take the condition
+    with it (a conditioned and an unconditioned prompt would tokenize the same)."""
+    if len(ids) > max_len and condition is not None:
+        raise ValueError(f"prompt with condition {condition!r} has {len(ids)} tokens, over max_token_len={max_len}: "
+                         f"the condition would be cut off; raise it (train.py --max-token-len)")
     if len(ids) > max_len:
         warnings.warn(f"prompt has {len(ids)} tokens, truncated to max_token_len={max_len}")
         ids = ids[:max_len]
@@ -399,7 +404,7 @@ def tokenize_prompt(sp, prompt, max_len, condition=None):
     clean = prompt.strip().replace("_", " ").replace("\n", " ")
     if condition is not None:
         clean = f"{clean}\n{condition}"
-    return pad_tokens(sp.encode(clean, add_bos=True) + sp.encode("\n"), max_len)
+    return pad_tokens(sp.encode(clean, add_bos=True) + sp.encode("\n"), max_len, condition)
 
 
 def prompt_tokenizer(cfg, sp):

@@ -41,6 +41,7 @@ import guidance
 import models
 import plots
 import robots
+from cli import above, at_least, main_guard
 from fast_universal import load_tokenizer
 from infer import CompiledSampler
 from loader import collate
@@ -96,6 +97,7 @@ class Policy:
             norm_stats=os.path.join(self.path, "norm_stats.json"), use_quantiles=s["use_quantiles"],
             delta_mask=s.get("delta_mask"), state_dim=width, action_dim=width,
             image_size=cfg.vision.image_size)
+        check_settings(s, cfg, self.transforms.norm_stats, self.path)
         self.valid = None  # pi0-FAST: per example, whether the answer decoded to a real chunk
         self.model_ms = None  # the last call's sampling time (policy_timing)
 
@@ -136,7 +138,7 @@ class Policy:
         if execution_horizon is None:
             raise ValueError("real-time chunking needs execution_horizon: how many actions of the previous "
                              "chunk had been executed when this observation was taken")
-        prev = np.asarray(prev_actions, np.float32)
+        prev = check_finite(prev_actions, "prev_actions")
         if prev.shape != (len(states), C, A):
             raise ValueError(f"prev_actions has shape {prev.shape}, expected ({len(states)}, {C}, {A}): "
                              "the previous chunks as this policy returned them")
@@ -185,13 +187,32 @@ class Policy:
             raise KeyError(f"observation {have}: this checkpoint takes {{'images': {{camera: uint8 image}}, 'state', "
                            f"'prompt'}} with cameras {[c for c in self.settings['cameras'] if c]}")
         images = {k: robots.hwc(v, k) for k, v in dict(observation["images"]).items()}
-        return {**observation, "images": images, "state": check_finite(observation["state"], "state")}
+        return {**observation, "images": images, "state": observation["state"]}
+
+    def check_state(self, state):
+        """The state at the edge, in the model's space: 1-D, the width the checkpoint was trained
+        on, finite, and within 1e4 times the scale of its norm stats per dim (a reading of 1e30 is
+        a broken sensor: normalized and sampled it would give actions of 1e30)."""
+        state = np.asarray(state)
+        want = self.settings.get("state_dim")
+        if state.ndim != 1 or (want is not None and len(state) != want):
+            raise ValueError(f"state has shape {state.shape}: this checkpoint takes a 1-D state of {want} values")
+        state = check_finite(state, "state")
+        stats = self.transforms.norm_stats["state"]
+        scale = 1 + np.max([np.abs(np.asarray(v, np.float64)[:len(state)]) for v in stats.values()], axis=0)
+        absurd = np.flatnonzero(np.abs(state) > 1e4 * scale)
+        if absurd.size:
+            raise ValueError(f"state dims {absurd.tolist()} are {[float(f'{v:.3g}') for v in state[absurd]]}, over 1e4 "
+                             f"times the scale of this checkpoint's norm stats there "
+                             f"({[float(f'{v:.3g}') for v in scale[absurd]]}): a broken reading?")
+        return state
 
     def model_inputs(self, observations):
         """Requests -> (the model's batch dict, the states in the model's space (B, S) for the
         outputs' delta actions): robot inputs, default prompt, then data.Transforms."""
         samples = [self.robot_inputs(o) for o in observations]
         for s in samples:  # openpi's InjectDefaultPrompt: only where the request has none
+            s["state"] = self.check_state(s["state"])
             s["prompt"] = request_prompt(s.get("prompt"), self.settings.get("default_prompt"))
             if self.condition:  # a conditioned policy acts as its condition says (RECAP: "Advantage: positive")
                 s["condition"] = self.condition["text"]
@@ -199,7 +220,7 @@ class Policy:
         states = np.stack([np.asarray(s["state"], np.float32) for s in samples])
         return {k: v.to(self.device) for k, v in batch.items()}, states
 
-    def robot_outputs(self, actions, states):
+    def robot_actions(self, actions, states):
         """Normalized model actions (B, C, A_model) -> the robot's (B, C, A_robot): unnormalize,
         deltas back to absolute against the model-space state, then the robot's own outputs."""
         A = self.settings["action_dim"]
@@ -230,6 +251,17 @@ class Policy:
         self.model_ms = 1000 * (time.perf_counter() - t0)
         return self.robot_outputs(actions, states)
 
+    def robot_outputs(self, actions, states):
+        """Normalized model actions (B, C, A_model) -> the robot's (B, C, A_robot), checked: a
+        non-finite action is an error, never sent to a robot."""
+        out = self.robot_actions(actions, states)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            raise FloatingPointError(f"the model produced NaN or inf actions (examples "
+                                     f"{sorted(set(np.nonzero(bad)[0].tolist()))}): not served; check the "
+                                     f"checkpoint's weights and norm stats ({self.path})")
+        return out
+
     def infer(self, observation, noise=None, prev_actions=None, delay=0, execution_horizon=None):
         """One observation -> {"actions": (C, A_robot), "policy_timing": {"infer_ms": the model's
         sampling time, as openpi's}}, and for pi0-FAST "valid": whether the answer decoded to a real
@@ -242,6 +274,23 @@ class Policy:
         if self.valid is not None:
             out["valid"] = bool(self.valid[0])
         return out
+
+
+def check_settings(s, cfg, stats, path):
+    """policy.json against the model and its stats, at load: a mistake here would otherwise fail
+    every request obscurely, or serve un-normalized dims."""
+    where = os.path.join(path, "policy.json")
+    if s.get("robot") is not None and s["robot"] not in robots.ROBOTS:
+        raise ValueError(f"{where}: robot {s['robot']!r} is not one of {sorted(robots.ROBOTS)}")
+    cams = s.get("cameras")
+    if not isinstance(cams, list) or len(cams) != len(cfg.cameras) or not all(c is None or isinstance(c, str)
+                                                                             for c in cams):
+        raise ValueError(f"{where}: 'cameras' is {cams!r}: expected one camera name (or null) per model view "
+                         f"{list(cfg.cameras)}")
+    A, width = s.get("action_dim"), len(stats["actions"]["q01" if s["use_quantiles"] else "mean"])
+    if not isinstance(A, int) or not 0 < A <= width or (cfg.action_dim and A > cfg.action_dim):
+        raise ValueError(f"{where}: action_dim {A!r}: expected an integer in [1, {width}] (the norm stats' width)"
+                         f" and at most the model's {cfg.action_dim}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,13 +306,22 @@ def request_noise(msg, policy):
     shape = (cfg.action_horizon, cfg.action_dim)
     if "noise" in msg:
         noise = np.array(msg["noise"], np.float32)  # a writable copy of the zero-copy buffer
-        if noise.shape != shape or not np.isfinite(noise).all():
-            raise ValueError(f"request 'noise' has shape {noise.shape}{'' if np.isfinite(noise).all() else ' and NaN/inf'}"
-                             f": expected finite float (action_horizon, model action_dim) = {shape}")
+        if noise.shape != shape or not np.isfinite(noise).all() or np.abs(noise).max() > 50:
+            raise ValueError(f"request 'noise' has shape {noise.shape} and values in [{noise.min():.3g}, "
+                             f"{noise.max():.3g}]: expected N(0, 1) draws, finite, of shape (action_horizon, "
+                             f"model action_dim) = {shape}")
         return noise
     if "seed" in msg:
-        return np.random.default_rng(int(msg["seed"])).standard_normal(shape).astype(np.float32)
+        return np.random.default_rng(request_int(msg, "seed")).standard_normal(shape).astype(np.float32)
     return None
+
+
+def request_int(msg, key, low=0):
+    """A request's integer field (seed, delay, execution_horizon): an int >= low, never 1.5 or "1"."""
+    value = msg[key]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"request '{key}' is {type(value).__name__} {value!r:.40}: expected an integer >= {low}")
+    return int(value)
 
 
 def request_prompt(value, default=None):
@@ -328,7 +386,8 @@ def parse_request(msg, policy):
     if not isinstance(msg, dict):
         raise TypeError(f"a request is a dict observation, got {type(msg).__name__}")
     obs = {k: v for k, v in msg.items() if k not in REQUEST_KEYS}
-    rtc = {k: msg[k] for k in ("prev_actions", "delay", "execution_horizon") if k in msg}
+    rtc = {k: msg[k] if k == "prev_actions" else request_int(msg, k)
+           for k in ("prev_actions", "delay", "execution_horizon") if k in msg}
     if rtc and "prev_actions" not in rtc:
         raise ValueError(f"real-time chunking needs 'prev_actions' with {sorted(rtc)}")
     return obs, request_noise(msg, policy), rtc
@@ -360,6 +419,8 @@ def make_server(policy, host="0.0.0.0", port=8000, metadata=None, max_message_mb
             except Exception:  # the client went away
                 return
             try:
+                if isinstance(raw, str):
+                    raise TypeError("a request is a binary frame of msgpack (openpi_client's packb), got a text frame")
                 obs, noise, rtc = parse_request(unpackb(raw), policy)
                 async with lock:
                     t_infer = time.monotonic()  # openpi's infer_ms: the policy call alone
@@ -488,26 +549,31 @@ def plot(args):
     print(f"wrote {args.out}: {F_} frames x {A} dims, grey recorded, colour predicted; mean |error| {err:.4f}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="openpi websocket policy server")
     s.add_argument("--checkpoint", required=True, help="checkpoint directory")
     s.add_argument("--host", default="0.0.0.0")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--steps", type=int, default=10, help="Euler steps")
+    s.add_argument("--port", type=at_least(0), default=8000)
+    s.add_argument("--steps", type=at_least(1), default=10, help="Euler steps")
     s.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     s.add_argument("--device", help="default: cuda if available, else cpu")
     s.add_argument("--compile", default=None, help='torch.compile mode ("default", "max-autotune", ...)')
     s.add_argument("--cuda-graph", action="store_true", help="one CUDA graph over the denoising loop")
-    s.add_argument("--max-message-mb", type=float, default=16,
+    s.add_argument("--max-message-mb", type=above(0), default=16,
                    help="largest request accepted (MiB); larger ones close the connection with 1009")
     pl = sub.add_parser("plot", help="predicted vs recorded action chunks, per dimension")
     pl.add_argument("--checkpoint", required=True, help="checkpoint directory")
     pl.add_argument("--data", required=True, help="dataset (LeRobot dir or HDF5 file / dir)")
     pl.add_argument("--out", default="actions.png", help="PNG to write")
-    pl.add_argument("--frames", type=int, default=4, help="frames spread over the dataset")
-    pl.add_argument("--steps", type=int, default=10, help="Euler steps")
+    pl.add_argument("--frames", type=at_least(1), default=4, help="frames spread over the dataset")
+    pl.add_argument("--steps", type=at_least(1), default=10, help="Euler steps")
     pl.add_argument("--device", help="default: cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     {"serve": serve_forever, "plot": plot}[args.command](args)
+
+
+if __name__ == "__main__":
+    with main_guard():
+        main()

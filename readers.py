@@ -39,6 +39,7 @@ import functools
 import importlib
 import io
 import json
+import math
 from pathlib import Path
 
 import h5py
@@ -63,8 +64,8 @@ def as_uint8_image(image, camera="image"):
     uint8 (openpi's policies do this). Anything else is an error naming the camera: a float image
     in [0, 255] or a uint16 one would otherwise come out nearly white or black, with no error."""
     image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image '{camera}' has shape {image.shape}, expected (height, width, 3)")
+    if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+        raise ValueError(f"image '{camera}' has shape {image.shape}, expected (height, width, 3), not empty")
     if image.dtype == np.uint8:
         return image
     if np.issubdtype(image.dtype, np.floating):
@@ -76,6 +77,18 @@ def as_uint8_image(image, camera="image"):
         return (255 * image).astype(np.uint8)
     raise ValueError(f"image '{camera}' has dtype {image.dtype} (shape {image.shape}): expected uint8, "
                      f"or float in [0, 1]")
+
+
+def positive_fps(value, where):
+    """A recording's frame rate: a number > 0 (it divides every timestamp and chunk step)."""
+    shown = value.item() if isinstance(value, np.generic) else value
+    try:
+        fps = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} is {shown!r}: expected the frame rate, a number > 0") from None
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"{where} is {shown!r}: expected the frame rate, a number > 0")
+    return fps
 
 
 def check_finite(x, name):
@@ -301,11 +314,13 @@ class LeRobotDataset(EpisodeFrames):
         self.version = self.info.get("codebase_version", "?")
         if not self.version.startswith(("v2", "v3")):
             raise ValueError(f"{info_path}: codebase_version {self.version}; v2.x and v3.0 are supported")
+        if not isinstance(self.info.get("features"), dict):
+            raise KeyError(f"{info_path}: no 'features' table (LeRobot's info.json lists every column there)")
         feats = self.info["features"]
         for key in (*self.state_keys, action_key):
             if key not in feats:
                 raise KeyError(f"{info_path}: no feature '{key}' (features: {list(feats)})")
-        self.fps = float(self.info["fps"])
+        self.fps = positive_fps(self.info.get("fps"), f"{info_path}: field 'fps'")
         all_cams = [k for k, f in feats.items() if f["dtype"] in ("video", "image")]
         self.cameras = all_cams if cameras is None else list(cameras)
         for cam in self.cameras:
@@ -542,7 +557,7 @@ class HDF5Dataset(EpisodeFrames):
             self.prompts.append(str(attrs.get("prompt", prompt)))
             if attrs.get("fps", fps) is None:
                 raise ValueError(f"{path}: no fps: store root attribute 'fps' or pass fps= (ALOHA: 50)")
-            all_fps.add(float(attrs.get("fps", fps)))
+            all_fps.add(positive_fps(attrs.get("fps", fps), f"{path}: fps"))
         if len(all_fps) > 1:
             raise ValueError(f"{self.files[0].parent}: episodes disagree on fps: {sorted(all_fps)}")
         self.fps = all_fps.pop()
@@ -554,7 +569,11 @@ class HDF5Dataset(EpisodeFrames):
         self.tasks = list(dict.fromkeys(self.prompts))
         self.task_index = np.repeat([self.tasks.index(p) for p in self.prompts], [len(e[0]) for e in episodes])
         self.episode_index = np.arange(len(self.files))  # an HDF5 episode is named by its position
-        for path, (state, actions, _, _) in zip(self.files, episodes):
+        for path, (state, actions, shapes, _) in zip(self.files, episodes):
+            bad = {c: s for c, s in shapes.items() if s[1:] != self.image_shapes[c] or s[0] != len(state)}
+            if bad:  # checked here, not when a frame is drawn mid-training
+                raise ValueError(f"{path}: cameras {bad} differ from {self.files[0]}'s {self.image_shapes} "
+                                 f"or from its {len(state)} frames")
             if state.shape[1:] != episodes[0][0].shape[1:] or actions.shape[1:] != episodes[0][1].shape[1:]:
                 raise ValueError(f"{path}: state width {state.shape[1]} / action width {actions.shape[1]} differ "
                                  f"from {self.files[0]}'s {episodes[0][0].shape[1]} / {episodes[0][1].shape[1]}")

@@ -40,10 +40,12 @@ class TrainConfig:
     data: list = knob(None, "datasets (LeRobot dir, HDF5 file or dir), each optionally PATH:WEIGHT; "
                       "none = the built-in task", list)
     cameras: str = knob(None, "which dataset camera feeds each model view, VIEW=CAMERA,... (e.g. "
-                        "base_0_rgb=observation.images.top); views left out are zero-filled and masked", str)
+                        "base_0_rgb=observation.images.top); views left out are zero-filled and masked. With "
+                        "--openpi-config: the robot's camera keys, e.g. cam_high=observation.images.top", str)
     norm_stats: str = knob(None, "norm_stats.json for all datasets (default: each dataset's own)", str)
     tokenizer: str = knob(None, "SentencePiece model (default: --init's, or the built-in task's)", str)
     chunk: int = knob(None, "action horizon C (default: the config's)", int)
+    max_token_len: int = knob(None, "the prompt's token budget, with pi0-FAST's answer (default: the config's)", int)
     # the schedule and the optimizer (openpi: warm-up, cosine, AdamW, clip 1, EMA)
     steps: int = knob(2000, "optimizer steps")
     batch_size: int = knob(32, "global batch size: all ranks and accumulation steps together")
@@ -65,7 +67,8 @@ class TrainConfig:
     lora_init: str = knob("openpi", "LoRA factors: openpi (both N(0, 0.01)) or zero (B = 0)")
     fast_targets: int = knob(0, "pi0.5: co-train the VLM on the FAST tokens of the actions (pi0-FAST: always)")
     knowledge_insulation: int = knob(0, "pi0.5: stop the flow loss's gradient at the VLM (with --fast-targets 1)")
-    fast_tokenizer: str = knob(None, "FAST tokenizer: a file of ours or an HF folder (default: fit one on the data)",
+    fast_tokenizer: str = knob(None, "FAST tokenizer: openpi's universal one (its HF folder), a file of ours, or "
+                               "'fit' (fit one on the data); default: --init's own, else fitted on the built-in task",
                                str)
     max_fast_tokens: int = knob(128, "pi0.5: most FAST target slots per sample (fewer if the data needs fewer)")
     too_long: str = knob("truncate", "a training prompt with its FAST answer longer than the model's budget: "
@@ -90,6 +93,8 @@ class TrainConfig:
     # the run
     out: str = knob(None, "run directory (default: runs/<model>)", str, resume=False)
     resume: bool = knob(False, "continue the run in --out from its newest complete checkpoint", resume=False)
+    overwrite: bool = knob(False, "replace the run already in --out (its checkpoints, final/, log); without it a "
+                           "fresh run refuses a non-empty --out", resume=False)
     resume_allow: str = knob("", "comma list of knobs --resume may see changed (e.g. steps,lr)", resume=False)
     log_every: int = knob(50, "steps between log lines", resume=False)
     save_every: int = knob(1000, "steps between checkpoints", resume=False)
@@ -196,6 +201,9 @@ def validate(c):
     need(c.lr > 0 and math.isfinite(c.lr), "lr", "must be a finite number > 0")
     need(0 <= c.end_lr_frac <= 1, "end_lr_frac", "must be in [0, 1]")
     need(c.clip > 0, "clip", "must be > 0")
+    need(0 <= c.b2 < 1, "b2", "must be in [0, 1)")
+    need(c.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(c.max_token_len is None or c.max_token_len >= 8, "max_token_len", "must be >= 8")
     need(0 <= c.ema < 1, "ema", "must be in [0, 1) (0 turns the EMA off)")
     need(c.dropout is None or 0 <= c.dropout < 1, "dropout", "must be in [0, 1)")
     for name in ("fast_targets", "knowledge_insulation", "conditions", "augment", "mask_padded_steps"):
@@ -220,7 +228,7 @@ def validate(c):
     weights = [parse_data_spec(s)[1] for s in c.data or []]
     if any(w is not None for w in weights) and sum(w if w is not None else 1.0 for w in weights) <= 0:
         raise ValueError(f"--data weights {weights}: at least one dataset needs a weight > 0")
-    unknown = set(filter(None, c.resume_allow.replace("-", "_").split(","))) - set(resume_knobs())
+    unknown = set(filter(None, c.resume_allow.replace("-", "_").split(","))) - set(resume_knobs()) - {"data"}
     if unknown:
         raise ValueError(f"--resume-allow: unknown knobs {sorted(unknown)} (checked on resume: "
                          f"{', '.join(k.replace('_', '-') for k in resume_knobs())})")

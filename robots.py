@@ -309,6 +309,9 @@ def robot_inputs(settings, request, state=None):
         out["images"][view] = present.get(key, blank)
         out["image_masks"][view] = key in present or (key is None and not settings["empty_views_masked"])
     if state is None:
+        for k in robot.state:
+            if np.ndim(request[k]) > 1:
+                raise ValueError(f"state '{k}' has shape {np.shape(request[k])}: expected a 1-D vector")
         state = np.concatenate([np.asarray(request[k], np.float64).reshape(-1) for k in robot.state])
     state = np.asarray(state, np.float64)
     if state.shape != (sum(robot.state_widths),):
@@ -383,19 +386,34 @@ class RobotDataset(DatasetView):
         return dict(self.dataset.describe(), openpi_config=self.settings["openpi_config"], cameras=self.images)
 
 
-def dataset_columns(name, cameras, lerobot=True):
+def parse_cameras(spec):
+    """--cameras "A=B,C=D" -> {"A": "B", "C": "D"} (None: no mapping); "A=" or "A" maps A to nothing."""
+    if not spec:
+        return None
+    return dict(p.split("=", 1) if "=" in p else (p, "") for p in spec.split(","))
+
+
+def dataset_columns(name, cameras, lerobot=True, override=None):
     """(request image key -> dataset camera, state column, action column) for openpi config
     `name` on a dataset with these cameras: the config's repack names LeRobot columns; an HDF5
-    (ALOHA layout) file names its cameras like the robot's request. A camera the robot needs that
-    the dataset lacks is an error listing both sides."""
+    (ALOHA layout) file names its cameras like the robot's request; override {the robot's image
+    key (e.g. cam_high): dataset camera} (train.py --cameras) maps others. A camera the robot
+    needs that the dataset lacks is an error listing both sides."""
     c = openpi_config(name)
     robot, repack = ROBOTS[c.robot], c.dataset or ROBOTS[c.robot].dataset
+    keys = {(k.split("/", 1)[1] if robot.image_group else k): k for k in repack
+            if k not in robot.state and k != "actions"}
+    override = dict(override or {})
+    bad = {k: v for k, v in override.items() if k not in keys or v not in cameras}
+    if bad:
+        raise KeyError(f"--cameras {bad}: {name}'s cameras are {sorted(keys)}, the dataset's {list(cameras)}")
     images = {}
     for key, column in repack.items():
         if key in robot.state or key == "actions":
             continue
         in_request = key.split("/", 1)[1] if robot.image_group else key
-        found = [cam for cam in ((column,) if lerobot else ()) + (in_request,) if cam in cameras]
+        found = [override[in_request]] if in_request in override else \
+            [cam for cam in ((column,) if lerobot else ()) + (in_request,) if cam in cameras]
         if found:
             images[key] = found[0]
         elif in_request not in robot.optional_images:
@@ -403,14 +421,15 @@ def dataset_columns(name, cameras, lerobot=True):
     return images, [repack[k] for k in robot.state], repack["actions"]
 
 
-def open_robot_dataset(path, name, chunk_size):
-    """Open a LeRobot or HDF5 dataset at `path` as openpi config `name` reads it (RobotDataset)."""
+def open_robot_dataset(path, name, chunk_size, cameras=None):
+    """Open a LeRobot or HDF5 dataset at `path` as openpi config `name` reads it (RobotDataset);
+    cameras: {the robot's image key: dataset camera} where the names differ."""
     c = openpi_config(name)
     robot, repack = ROBOTS[c.robot], c.dataset or ROBOTS[c.robot].dataset
     columns = dict(state_key=[repack[k] for k in robot.state], action_key=repack["actions"])
     lerobot = (Path(path) / "meta" / "info.json").exists()
     probe = open_dataset(path, chunk_size, **(columns if lerobot else {}))  # which cameras it has
-    images, state, actions = dataset_columns(name, probe.cameras, lerobot)
+    images, state, actions = dataset_columns(name, probe.cameras, lerobot, cameras)
     kwargs = dict(cameras=list(images.values()), **(columns if lerobot else {}))
     settings = policy_settings(name)
     return RobotDataset(open_dataset(path, chunk_size, **kwargs), settings, images, c.prompt_from_task)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from data import compute_norm_stats, save_norm_stats
 import pi05
 from envs import AlohaEnv, OpenpiAlohaSim, PushTEnv
+from cli import at_least, main_guard
 from policy import Policy
 from readers import HDF5Dataset
 from tasks import DEMO_SEED, EVAL_SEED, FPS, ExpertPolicy, RandomPolicy, ReachEnv, record_demos, train_tokenizer
@@ -242,6 +243,11 @@ def cmd_eval(args):
         policy, name = ExpertPolicy(camera=args.camera or "top"), "scripted expert"
     elif args.checkpoint:
         policy, name = Policy(args.checkpoint, device=args.device), args.checkpoint
+        cameras = make_env(args.env, **env_kwargs).cameras
+        missing = [c for c in policy.settings["cameras"] if c and c not in cameras] if not policy.robot else []
+        if missing:  # found now, not as a KeyError in the first step of the evaluation
+            raise KeyError(f"{args.checkpoint} takes cameras {missing}, the env gives {list(cameras)}: pass --camera "
+                           f"NAME, the checkpoint's camera name for the env's image")
     else:
         raise ValueError("give --checkpoint DIR (or --expert for the builtin env)")
     r = evaluate(policy, args.env, args.episodes, args.seed, args.n_action_steps, batch_size=args.batch_size,
@@ -262,32 +268,33 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Closed-loop evaluation, and the built-in task's demos.")
     sub = parser.add_subparsers(dest="command", required=True)
     demos = sub.add_parser("demos", help="write expert episodes, norm_stats.json and tokenizer.model")
-    demos.add_argument("--episodes", type=int, default=3000,
+    demos.add_argument("--episodes", type=at_least(1), default=3000,
                        help="expert episodes (distinct layouts: 500 are memorised, 3000 generalise)")
     demos.add_argument("--out", required=True, help="output folder")
     demos.add_argument("--seed", type=int, default=DEMO_SEED, help="episode i uses seed + i")
-    demos.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary size")
+    demos.add_argument("--vocab-size", type=at_least(16), default=512, help="SentencePiece vocabulary size")
     ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
     ev.add_argument("--checkpoint", help="checkpoint directory (policy.Policy)")
     ev.add_argument("--expert", action="store_true", help="builtin only: evaluate the scripted expert instead")
     ev.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha", "aloha_sim"],
                     help="aloha_sim: gym-aloha through openpi's ALOHA request (for openpi ALOHA checkpoints)")
-    ev.add_argument("--episodes", type=int, default=100, help="number of seeded episodes")
+    ev.add_argument("--episodes", type=at_least(1), default=100, help="number of seeded episodes")
     ev.add_argument("--seed", type=int, default=EVAL_SEED, help="episode i uses seed + i (demos use 0..)")
-    ev.add_argument("--n-action-steps", type=int, default=None,
+    ev.add_argument("--n-action-steps", type=at_least(1), default=None,
                     help="actions executed per chunk before replanning (default 5; aloha_sim 10, as openpi)")
-    ev.add_argument("--batch-size", type=int, default=100, help="episodes run at once (one policy call)")
+    ev.add_argument("--batch-size", type=at_least(1), default=100, help="episodes run at once (one policy call)")
     ev.add_argument("--device", default="cpu", help="device of the policy")
     ev.add_argument("--camera", default=None, help="the policy's camera name for the env's camera")
     ev.add_argument("--prompt", default=None, help="pusht / aloha: the prompt (default: LeRobot's task)")
-    ev.add_argument("--max-steps", type=int, default=None, help="pusht / aloha: episode limit")
+    ev.add_argument("--max-steps", type=at_least(1), default=None, help="pusht / aloha: episode limit")
     ev.add_argument("--aloha-task", default="transfer_cube", choices=["transfer_cube", "insertion"])
-    ev.add_argument("--gif", type=int, default=4, help="episodes shown in the GIF (0: none)")
+    ev.add_argument("--gif", type=at_least(0), default=4, help="episodes shown in the GIF (0: none)")
     ev.add_argument("--out", default=None, help="folder for eval.json and eval.gif")
     args = parser.parse_args(argv)
     {"demos": cmd_demos, "eval": cmd_eval}[args.command](args)
 
 
 if __name__ == "__main__":
-    main()
+    with main_guard():
+        main()
 

@@ -65,7 +65,7 @@ class ReachEnv:
     action_low, action_high = -1.0, 1.0
 
     def __init__(self, camera="top"):
-        self.camera = camera
+        self.camera, self.cameras = camera, (camera,)
         n = IMAGE_SIZE * SUPERSAMPLE
         centres = (np.arange(n) + 0.5) / n * 2 - 1
         self.x, self.y = np.meshgrid(centres, -centres)  # pixel centres in table units, (n, n) each

@@ -24,8 +24,10 @@ live in checkpoints.py, LoRA in lora.py, the knobs in recipes.py.
 """
 
 import dataclasses
+import glob
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -44,7 +46,8 @@ import recipes
 import robots
 import sim
 import train_step
-from checkpoints import latest_checkpoint, load_training_state, save_training_state
+from checkpoints import data_fingerprint, latest_checkpoint, load_training_state, save_training_state
+from cli import main_guard
 from fast_tokenizer import FASTTokenizer, fast_vocab_room
 from fast_universal import load_tokenizer
 from lora import apply_openpi_lora, merged_state
@@ -93,6 +96,8 @@ def model_config(args):
             changes.setdefault("action_dim", 32)
     if args.chunk:
         changes["action_horizon"] = args.chunk
+    if args.max_token_len:
+        changes["max_token_len"] = args.max_token_len
     options = {"knowledge_insulation": bool(args.knowledge_insulation), "dropout": args.dropout}
     for name, value in options.items():  # the model's own training options (pi0.5's)
         if value is not None and name in models.spec(cfg).options:
@@ -104,19 +109,25 @@ def model_config(args):
 
 
 def open_datasets(args, cfg, rank, ddp):
-    """-> datasets, their paths, mixture weights (None = by size). Writes the built-in demos once."""
-    specs = args.data or [os.path.join("runs", "builtin_demos")]
+    """-> datasets, their paths, mixture weights (None = by size). Writes the built-in demos once,
+    one cache per --demo-episodes (tokenizer.model is written last: its presence means complete)."""
+    specs = args.data or [os.path.join("runs", f"builtin_demos_{args.demo_episodes}")]
     if not args.data:
-        if rank == 0 and not os.path.exists(os.path.join(specs[0], "tokenizer.model")):  # cached
+        if rank == 0 and not os.path.exists(os.path.join(specs[0], "tokenizer.model")):
             sim.main(["demos", "--episodes", str(args.demo_episodes), "--out", specs[0]])
         if ddp:
             dist.barrier()
+        found = len(glob.glob(os.path.join(specs[0], "*.hdf5")))
+        if found != args.demo_episodes:
+            raise ValueError(f"{specs[0]} holds {found} demonstrations, not {args.demo_episodes}: remove it to "
+                             f"generate them again")
     datasets, roots, weights = [], [], []
     for spec in specs:
         path, weight = recipes.parse_data_spec(spec)
         roots.append(path)
         if args.openpi_config:  # read as openpi reads it: repack, then the robot's own transforms
-            datasets.append(robots.open_robot_dataset(path, args.openpi_config, cfg.action_horizon))
+            datasets.append(robots.open_robot_dataset(path, args.openpi_config, cfg.action_horizon,
+                                                      robots.parse_cameras(args.cameras)))
         else:
             datasets.append(open_dataset(path, chunk_size=cfg.action_horizon))
         if args.conditions:  # each frame's prompt condition, from the sidecar beside the dataset
@@ -133,10 +144,10 @@ def camera_map(args, cfg, ds):
     else the same names. A camera that feeds no view, or a view name the model lacks, is an error
     listing both sides: a wrist view in the base slot trains without a word otherwise."""
     views, cams = list(cfg.cameras), list(ds.cameras)
-    if args.openpi_config:  # robots.RobotDataset already speaks in model views
+    if args.openpi_config:  # robots.RobotDataset already speaks in model views (--cameras mapped its input)
         return views
     if args.cameras:
-        pairs = dict(p.split("=", 1) if "=" in p else (p, "") for p in args.cameras.split(","))
+        pairs = robots.parse_cameras(args.cameras)
         bad = {v: c for v, c in pairs.items() if v not in views or c not in cams}
         unused = [c for c in cams if c not in pairs.values()]
         if bad or unused:
@@ -407,13 +418,14 @@ def setup(args):
                 terms=terms, weights=raw.loss_weights(),
                 precision=precision, files=[(tok_path, "tokenizer.model")] + fast_files,
                 policy=policy_json(args, transforms[0], datasets[0], conditions),
+                fingerprint=data_fingerprint(datasets, transforms),
                 autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"))
 
 
 def train_loop(args, run, step, log):
     """Steps from `step` to args.steps (or --stop-after), checkpointing as it goes -> the last step."""
     model, opt, loader, ckpt_dir = run["model"], run["opt"], run["loader"], os.path.join(run["out"], "checkpoints")
-    batches, t0, last = iter(loader), time.perf_counter(), {}
+    batches, t0, last, logged = iter(loader), time.perf_counter(), {}, step
     bar = tqdm(total=args.steps, initial=step, disable=run["rank"] != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
     while step < args.steps:
         lr = train_step.get_lr(step, args)
@@ -429,10 +441,10 @@ def train_loop(args, run, step, log):
             train_step.update_ema(run["ema"], run["raw"], args.ema)
         step += 1
         bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            last = log_step(log, bar, step, lr, grad_norm, sums, args, run, (time.perf_counter() - t0) / args.log_every)
+        if step % args.log_every == 0 or step == args.steps or step == 1:  # step 1: a log file shows life at once
+            seconds = (time.perf_counter() - t0) / (step - logged)
+            last, logged, t0 = log_step(log, bar, step, lr, grad_norm, sums, args, run, seconds), step, time.perf_counter()
             run.setdefault("first_loss", last["loss"])
-            t0 = time.perf_counter()
         if step % args.save_every == 0 or step == args.steps or step == args.stop_after:
             save_training_state(ckpt_dir, run["raw"], opt, run["ema"], loader, step, run, args)
         if step == args.stop_after:
@@ -443,17 +455,43 @@ def train_loop(args, run, step, log):
     return step
 
 
+RUN_FILES = ("checkpoints", "final", "log.jsonl", "loss.png", "eval.json", "eval.gif", "fast_tokenizer.json")
+
+
+def claim_run_dir(args):
+    """A run directory belongs to one run: a fresh run into a non-empty --out is an error (it would
+    delete that run's checkpoints and overwrite its final/), unless --overwrite, which removes the
+    files a run writes there (rank 0). --resume continues the run that is there."""
+    out = args.out or os.path.join("runs", args.model)
+    there = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if args.resume or not there:
+        return
+    if not args.overwrite:
+        raise FileExistsError(f"--out {out} already holds a run ({', '.join(there[:6])}): pass --resume to continue "
+                              f"it, --overwrite to replace it, or another --out")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in RUN_FILES:
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
+
 def main(args):
     t_start = time.time()
+    claim_run_dir(args)
     run = setup(args)
     out, rank = run["out"], run["rank"]
     step = 0
     if args.resume:
         resume_from = latest_checkpoint(os.path.join(out, "checkpoints"))
-        step = load_training_state(resume_from, run["raw"], run["opt"], run["ema"], run["loader"], rank, args)
+        step = load_training_state(resume_from, run["raw"], run["opt"], run["ema"], run["loader"], rank, args,
+                                   run["fingerprint"])
         print0(f"resumed from {resume_from} at step {step}")
     n_trained = sum(p.numel() for p in run["params"])
-    print0(f"model {args.model} ({args.config}): {models.count_params(run['raw']):,} params, {n_trained:,} trained; "
+    built = f"from {args.init}" if args.init else f"preset {args.config}"  # --config is unused with --init
+    print0(f"model {args.model} ({built}): {models.count_params(run['raw']):,} params, {n_trained:,} trained; "
            f"{sum(len(d) for d in run['datasets']):,} frames from {len(run['datasets'])} dataset(s); world "
            f"{run['world']} x micro-batch {args.batch_size // (run['world'] * args.grad_accum)} x accum "
            f"{args.grad_accum} = batch {args.batch_size}; precision {run['precision']}; device {run['device']}")
@@ -479,8 +517,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args, given = recipes.parse_args()
-    print0(f"knobs: {json.dumps({k: v for k, v in recipes.as_dict(args).items() if v not in (None, '', [])})}")
-    if args.openpi_config:
-        print0(recipes.describe(args, given))
-    main(args)
+    with main_guard():
+        args, given = recipes.parse_args()
+        print0(f"knobs: {json.dumps({k: v for k, v in recipes.as_dict(args).items() if v not in (None, '', [])})}")
+        if args.openpi_config:
+            print0(recipes.describe(args, given))
+        main(args)

@@ -14,13 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_train(out, *args):
-    """train.py in a subprocess, exactly as a user runs it (skipped when out/final exists, so an
-    interrupted study resumes); -> the exported checkpoint."""
+    """train.py in a subprocess, exactly as a user runs it; -> the exported checkpoint. An
+    interrupted study picks up where it stopped: a finished run is reused, a run with
+    checkpoints is resumed."""
     final = Path(out) / "final"
     if (final / "model.safetensors").exists():
         print(f"{final}: already trained, reused", flush=True)
         return final
-    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args), "--out", str(out)]
+    resume = ["--resume"] if (Path(out) / "checkpoints").is_dir() else []
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args), "--out", str(out), *resume]
     print("$ python " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     return final

@@ -90,6 +90,46 @@ def test_resume_with_changed_knobs_is_an_error_unless_allowed(dataset, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+def test_a_run_directory_belongs_to_one_run(dataset, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(train_cmd(dataset, out, "--steps", "3")).returncode == 0
+    first = load_file(out / "final" / "model.safetensors")
+    res = run_train(train_cmd(dataset, out, "--steps", "2", "--seed", "1"))  # a fresh run into it: refused
+    assert res.returncode != 0 and f"--out {out} already holds a run" in res.stderr and "--overwrite" in res.stderr
+    assert (out / "checkpoints" / "step_0000003").is_dir()  # nothing of the first run was touched
+    assert all(torch.equal(v, load_file(out / "final" / "model.safetensors")[k]) for k, v in first.items())
+    res = run_train(train_cmd(dataset, out, "--steps", "2", "--seed", "1", "--overwrite"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000002"]
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2  # a new log, not appended to the old one
+
+
+def test_resume_checks_the_data_by_content_not_by_path_spelling(dataset, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(dataset, data_dir)
+    cmd = lambda *extra: [c if c != str(dataset) else str(data_dir) for c in train_cmd(dataset, tmp_path / "run", *extra)]
+    assert run_train(cmd("--stop-after", "2")).returncode == 0
+    spelled = [c if c != str(data_dir) else str(data_dir) + "/" for c in cmd("--resume", "--stop-after", "3")]
+    res = run_train(spelled)  # the same data, a trailing slash: the same run
+    assert res.returncode == 0, res.stderr[-2000:]
+    shutil.copy(data_dir / "ep0.hdf5", data_dir / "ep3.hdf5")  # a new episode at the same path
+    res = run_train(cmd("--resume"))
+    assert res.returncode != 0 and "dataset 0's content was {'episodes': 3, 'frames': 33" in res.stderr
+    assert "'episodes': 4, 'frames': 43" in res.stderr
+    res = run_train(cmd("--resume", "--precision", "bf16"))
+    assert res.returncode != 0 and "--precision was None, now 'bf16'" in res.stderr
+    assert run_train(cmd("--resume", "--resume-allow", "data")).returncode == 0
+
+
+def test_a_failed_save_leaves_nothing_behind_and_the_retry_works(tmp_path):
+    model = models.build(models.preset("pi0", "tiny"))
+    with pytest.raises(FileNotFoundError):
+        models.save_pretrained(model, tmp_path / "ckpt", extra_files=[str(tmp_path / "missing.model")])
+    assert os.listdir(tmp_path) == []  # no *.tmp-* left to block the next try
+    models.save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
 def test_interrupted_replacement_points_to_the_moved_aside_copy(tmp_path):
     """save_pretrained over an existing directory, killed between its two renames."""
     code = ("import torch, models, pi0; m = pi0.Pi0(pi0.CONFIGS['tiny']); "
@@ -119,6 +159,8 @@ def test_interrupted_replacement_points_to_the_moved_aside_copy(tmp_path):
     (["--data", "x:y"], "'y' is not a weight"),
     (["--resume-allow", "bogus"], "--resume-allow: unknown knobs ['bogus']"),
     (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+    (["--b2", "1.5"], "--b2 1.5: must be in [0, 1)"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"),
 ])
 def test_bad_arguments_name_the_flag_and_what_is_allowed(argv, message):
     with pytest.raises(ValueError) as e:
@@ -233,6 +275,61 @@ def test_corrupt_dataset_files_are_named(tmp_path, kind):
         (tmp_path / "x.parquet").write_bytes(b"PAR1 truncated")
         with pytest.raises(ValueError, match=r"x.parquet: not a readable parquet file"):
             _read_parquet(tmp_path / "x.parquet", ["action"])
+
+
+def test_bad_recordings_are_named_when_the_dataset_opens(tmp_path):
+    rng = np.random.default_rng(0)
+    episode = lambda T, H=8: (rng.normal(size=(T, 3)), rng.normal(size=(T, 2)),
+                              {"top": np.zeros((T, H, 8, 3), np.uint8)})
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    write_hdf5_episode(tmp_path / "a" / "e0.hdf5", *episode(5), prompt="x", fps=0)
+    with pytest.raises(ValueError, match=r"e0.hdf5: fps is 0: expected the frame rate, a number > 0"):
+        open_dataset(tmp_path / "a")
+    write_hdf5_episode(tmp_path / "b" / "e0.hdf5", *episode(5), prompt="x", fps=10)
+    write_hdf5_episode(tmp_path / "b" / "e1.hdf5", *episode(5, H=9), prompt="x", fps=10)  # one camera of another size
+    with pytest.raises(ValueError, match=r"e1.hdf5: cameras \{'top': \(5, 9, 8, 3\)\} differ"):
+        open_dataset(tmp_path / "b")
+    (tmp_path / "c" / "meta").mkdir()
+    (tmp_path / "c" / "meta" / "info.json").write_text('{"codebase_version": "v2.1", "fps": 10}')
+    with pytest.raises(KeyError, match=r"info.json: no 'features' table"):
+        open_dataset(tmp_path / "c")
+
+
+def test_a_condition_is_never_cut_off_the_prompt(tiny_sp):
+    import pi0
+    import pi05
+    with pytest.raises(ValueError, match=r"condition 'Advantage: positive' has \d+ tokens, over max_token_len=8"):
+        pi0.tokenize_prompt(tiny_sp, "pick up the red block", 8, condition="Advantage: positive")
+    with pytest.raises(ValueError, match=r"the condition would be cut off; raise it \(train.py --max-token-len\)"):
+        pi05.tokenize_prompt(tiny_sp, "pick up the red block", np.zeros(3), 12, condition="Advantage: positive")
+    with pytest.warns(UserWarning, match="truncated to max_token_len=3"):  # no condition: openpi's truncation
+        pi0.tokenize_prompt(tiny_sp, "pick up the red block", 3)
+
+
+def test_the_demo_cache_is_one_per_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = recipes.parse_args(["--model", "pi0", "--demo-episodes", "4"])[0]
+    datasets, roots, _ = train.open_datasets(a, models.preset("pi0", "tiny"), 0, False)
+    assert roots == [os.path.join("runs", "builtin_demos_4")] and datasets[0].num_episodes == 4
+    os.remove(os.path.join(roots[0], "episode_00003.hdf5"))  # a cache that lost an episode
+    with pytest.raises(ValueError, match=r"builtin_demos_4 holds 3 demonstrations, not 4: remove it"):
+        train.open_datasets(a, models.preset("pi0", "tiny"), 0, False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train.py", "--steps", "0"], "error: --steps 0: must be an integer >= 1"),
+    (["data.py", "stats", "/no/such/dataset"], "error: "),
+    (["policy.py", "serve", "--checkpoint", "x", "--max-message-mb", "-1"], "--max-message-mb: -1 must be above 0"),
+    (["infer.py", "bench", "--iters", "0"], "--iters: 0 is below 1"),
+    (["sim.py", "eval", "--checkpoint", "/no/such/ckpt"], "error: /no/such/ckpt: no checkpoint directory there"),
+])
+def test_command_line_mistakes_are_one_line(argv, message):
+    res = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+    if argv[0] == "train.py":  # the traceback on request
+        res = subprocess.run([sys.executable, *argv, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert "Traceback" in res.stderr
 
 
 def checkpoint(tmp_path):

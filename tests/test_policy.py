@@ -2,6 +2,7 @@
 package (PyPI `openpi-client`)."""
 
 import asyncio
+import json
 import threading
 import urllib.request
 
@@ -116,20 +117,40 @@ def test_serve_errors_then_serves_next_client(server):
     ("nan_state", "state has NaN or inf"),
     ("float_image_out_of_range", "image 'observation/image' is float32 with values in [255, 255]"),
     ("uint16_image", "image 'observation/image' has dtype uint16"),
-    ("bad_noise", "request 'noise' has shape (3, 3): expected finite float"),
+    ("bad_noise", "request 'noise' has shape (3, 3)"),
+    ("absurd_noise", "expected N(0, 1) draws"),
+    ("absurd_state", "state dims [0] are [1e+30], over 1e4 times the scale"),
+    ("narrow_state", "libero state (observation/state) has 2 values, expected 8"),
+    ("state_2d", "state 'observation/state' has shape (1, 8): expected a 1-D vector"),
+    ("empty_image", "image 'observation/image' has shape (0, 0, 3), expected (height, width, 3), not empty"),
+    ("prompt_int", "request 'prompt' is int 123: expected text"),
+    ("float_seed", "request 'seed' is float 1.7: expected an integer >= 0"),
+    ("float_delay", "request 'delay' is float 1.5: expected an integer >= 0"),
+    ("text_delay", "request 'delay' is str '1': expected an integer >= 0"),
+    ("nan_prev_actions", "prev_actions has NaN or inf"),
 ])
 def test_every_bad_request_gets_an_error_frame_and_the_next_is_served(server, case, message):
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
     _, port = server
     obs = libero_obs(np.random.default_rng(3))
-    if case == "nan_state":
-        obs["observation/state"] = np.full(8, np.nan, np.float32)
-    elif case == "float_image_out_of_range":
-        obs["observation/image"] = np.full((64, 64, 3), 255.0, np.float32)
-    elif case == "uint16_image":
-        obs["observation/image"] = np.zeros((64, 64, 3), np.uint16)
-    else:
-        obs["noise"] = np.zeros((3, 3), np.float32)
+    rtc = dict(prev_actions=np.zeros((6, 7), np.float32), delay=1, execution_horizon=2)
+    change = {
+        "nan_state": {"observation/state": np.full(8, np.nan, np.float32)},
+        "float_image_out_of_range": {"observation/image": np.full((64, 64, 3), 255.0, np.float32)},
+        "uint16_image": {"observation/image": np.zeros((64, 64, 3), np.uint16)},
+        "bad_noise": {"noise": np.zeros((3, 3), np.float32)},
+        "absurd_noise": {"noise": np.full((6, 8), 1e30, np.float32)},
+        "absurd_state": {"observation/state": np.array([1e30] + [0] * 7, np.float32)},
+        "narrow_state": {"observation/state": np.zeros(2, np.float32)},
+        "state_2d": {"observation/state": np.zeros((1, 8), np.float32)},
+        "empty_image": {"observation/image": np.zeros((0, 0, 3), np.uint8)},
+        "prompt_int": {"prompt": 123},
+        "float_seed": {"seed": 1.7},
+        "float_delay": dict(rtc, delay=1.5),
+        "text_delay": dict(rtc, delay="1"),
+        "nan_prev_actions": dict(rtc, prev_actions=np.full((6, 7), np.nan, np.float32)),
+    }[case]
+    obs.update(change)
     with pytest.raises(RuntimeError) as e:
         WebsocketClientPolicy("127.0.0.1", port).infer(obs)
     assert message in str(e.value)
@@ -200,3 +221,33 @@ def test_requests_with_and_without_the_previous_chunk(server):
     assert np.abs(guided - plain).max() > 1e-3  # the guidance changed the chunk
     with pytest.raises(RuntimeError, match="needs 'prev_actions'"):
         client.infer(dict(obs, delay=2))
+
+
+def test_a_nan_weight_is_refused_at_load_and_nan_actions_are_never_served(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt)
+    policy = policy_mod.Policy(ckpt)
+    monkeypatch.setattr(policy, "sample", lambda *a, **k: torch.full((1, 6, 8), float("nan")))
+    with pytest.raises(FloatingPointError, match="NaN or inf actions .*not served"):
+        policy.infer(libero_obs(np.random.default_rng(0)))
+    weights = load_file(ckpt / "model.safetensors")
+    weights["action_out_proj.weight"][0, 0] = float("nan")
+    save_file(weights, ckpt / "model.safetensors", metadata={"config": json.dumps(policy.model.cfg.to_dict(),
+                                                                                   sort_keys=True)})
+    with pytest.raises(ValueError, match=r"model.safetensors: NaN or inf in 1 tensor\(s\): action_out_proj.weight"):
+        policy_mod.Policy(ckpt)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(robot="spot"), "robot 'spot' is not one of"),
+    (dict(cameras=["a", "b"]), "'cameras' is \\['a', 'b'\\]: expected one camera name \\(or null\\) per model view"),
+    (dict(action_dim=9), "action_dim 9: expected an integer in \\[1, 7\\]"),
+])
+def test_a_bad_policy_json_is_an_error_at_load(tmp_path, edit, message):
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt)
+    settings = json.loads((ckpt / "policy.json").read_text())
+    (ckpt / "policy.json").write_text(json.dumps(dict(settings, **edit)))
+    with pytest.raises(ValueError, match=message):
+        policy_mod.Policy(ckpt)

@@ -20,6 +20,7 @@ import data
 import plots
 import sim
 import tasks
+from cli import above, at_least, main_guard
 from experiments import run_train
 from experiments.recap.recap import (compute_advantages, episode_labels, load_value, train_value, value_separation,
                                      write_advantages)
@@ -76,25 +77,25 @@ def record_rollouts(policy, out, episodes, seed, n_action_steps=5, progress=True
 def add_demo_args(p):
     p.add_argument("--out", default="runs/recap", help="the experiment's folder")
     p.add_argument("--model", default="pi0", choices=["pi0", "pi05"])
-    p.add_argument("--episodes", type=int, default=2000, help="demonstrations, expert and degraded")
+    p.add_argument("--episodes", type=at_least(2), default=2000, help="demonstrations, expert and degraded")
     p.add_argument("--degraded", type=float, default=0.4,
                    help="share of episodes by the degraded demonstrator (0.6 leaves fewer expert frames than the 30%% positive share)")
-    p.add_argument("--steps", type=int, default=12000,
+    p.add_argument("--steps", type=at_least(1), default=12000,
                    help="policy training steps, imitation and RECAP alike (at 6000 the tiny pi0 does not yet ground "
                         "the indicator on this data: RECAP with the true expert/degraded labels succeeds 29%%, at 12000 75%%)")
-    p.add_argument("--value-steps", type=int, default=2500)
-    p.add_argument("--label-sigma", type=float, default=0.05,
+    p.add_argument("--value-steps", type=at_least(1), default=2500)
+    p.add_argument("--label-sigma", type=at_least(0.0, float), default=0.05,
                    help="the value function's HL-Gauss target spread (0: the paper's one-hot bin; see README)")
     p.add_argument("--value-time", type=int, default=1, choices=(0, 1),
                    help="the value function sees each frame's time step (0: pi*0.6's inputs, whose value cannot tell "
                         "a failure near the time limit from one far from it; see README)")
-    p.add_argument("--rollouts", type=int, default=1000, help="iteration 2: the RECAP policy's own episodes")
-    p.add_argument("--finetune-steps", type=int, default=4000, help="iteration 2: policy fine-tuning steps")
-    p.add_argument("--finetune-lr", type=float, default=3e-4, help="iteration 2: peak learning rate (no warm-up)")
-    p.add_argument("--eval-episodes", type=int, default=300)
+    p.add_argument("--rollouts", type=at_least(0), default=1000, help="iteration 2: the RECAP policy's own episodes")
+    p.add_argument("--finetune-steps", type=at_least(1), default=4000, help="iteration 2: policy fine-tuning steps")
+    p.add_argument("--finetune-lr", type=above(0), default=3e-4, help="iteration 2: peak learning rate (no warm-up)")
+    p.add_argument("--eval-episodes", type=at_least(1), default=300)
     p.add_argument("--cfg-beta", type=float, default=2.0, help="classifier-free guidance weight of the CFG row")
-    p.add_argument("--n-steps", type=int, default=10, help="N of the N-step advantage")
-    p.add_argument("--cross-fit", type=int, default=1,
+    p.add_argument("--n-steps", type=at_least(1), default=10, help="N of the N-step advantage")
+    p.add_argument("--cross-fit", type=at_least(1), default=1,
                    help="K value functions, each held out from a K-th of the episodes, which it then values "
                         "(1: one, in-sample; 2 measured no better on this task, see README)")
     p.add_argument("--seed", type=int, default=0)
@@ -190,31 +191,31 @@ def main(argv=None):
     v.add_argument("--out", required=True, help="where the value function goes")
     v.add_argument("--init", default=None, help="a value function to fine-tune")
     v.add_argument("--backbone", default=None, help="a policy checkpoint whose SigLIP + PaliGemma start the value function")
-    v.add_argument("--steps", type=int, default=2000)
-    v.add_argument("--batch-size", type=int, default=32)
-    v.add_argument("--lr", type=float, default=1e-3)
+    v.add_argument("--steps", type=at_least(1), default=2000)
+    v.add_argument("--batch-size", type=at_least(1), default=32)
+    v.add_argument("--lr", type=above(0), default=1e-3)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--fold", type=int, nargs=2, metavar=("k", "K"), default=None,
                    help="cross-fitting: hold out the episodes j with j %% K == k (value them with this one)")
     v.add_argument("--time-input", type=int, default=None, choices=(0, 1),
                    help="the frame's time step in the prompt (default: --init's own, else 0, pi*0.6's inputs); "
                         "for tasks whose failures end at a time limit (README.md)")
-    v.add_argument("--label-sigma", type=float, default=0.0,
+    v.add_argument("--label-sigma", type=at_least(0.0, float), default=0.0,
                    help="HL-Gauss targets: spread each return over the bins with this std (0: the paper's one-hot bin)")
     a = sub.add_parser("advantages", help="N-step advantages and indicators -> <dataset>.conditions.json")
     a.add_argument("--value", nargs="+", required=True,
                    help="a value function (value), or K cross-fitted ones (value --fold k K, k = 0..K-1, in order)")
     a.add_argument("--data", nargs="+", required=True)
-    a.add_argument("--n-steps", type=int, default=10, help="N of the N-step advantage")
+    a.add_argument("--n-steps", type=at_least(1), default=10, help="N of the N-step advantage")
     a.add_argument("--positive-fraction", type=float, default=0.3, help="share of each task's frames that are positive")
     for p in (v, a):
-        p.add_argument("--c-fail", type=float, default=1.0, help="failure penalty, in units of the task's longest episode")
+        p.add_argument("--c-fail", type=at_least(0.0, float), default=1.0, help="failure penalty, in units of the task's longest episode")
     co = sub.add_parser("collect", help="a policy's own episodes on the built-in task, with success labels")
     co.add_argument("--checkpoint", required=True, help="checkpoint directory (policy.Policy)")
-    co.add_argument("--episodes", type=int, default=500)
+    co.add_argument("--episodes", type=at_least(1), default=500)
     co.add_argument("--out", required=True, help="output folder (HDF5 episodes like the demos)")
     co.add_argument("--seed", type=int, default=500_000, help="episode i uses seed + i (demos 0.., eval 10^6..)")
-    co.add_argument("--n-action-steps", type=int, default=5)
+    co.add_argument("--n-action-steps", type=at_least(1), default=5)
     co.add_argument("--cfg-beta", type=float, default=None, help="classifier-free guidance toward the condition")
     co.add_argument("--device", default="cpu")
     d = sub.add_parser("demo", help="the whole experiment on the built-in task, with the table")
@@ -224,4 +225,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with main_guard():
+        main()

@@ -225,7 +225,7 @@ def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_pa
         str(e): {"positive": [bool((e + t) % 2) for t in range(int(n))], "advantage": [0.0] * int(n)}
         for e, n in enumerate(ds.ep_end - ds.ep_start)}}
     recap.write_advantages(ds_dir, table)
-    res = subprocess.run([sys.executable, "train.py", "--model", model, "--data", str(ds_dir), "--conditions", "1",
+    res = subprocess.run([sys.executable, "train.py", "--model", model, "--data", str(ds_dir), "--conditions", "1", "--max-token-len", "32",
                           "--steps", "2", "--batch-size", "4", "--eval-episodes", "0", "--out", str(tmp_path / "run")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import plots
+from cli import main_guard
 from experiments import run_train
 from policy import Policy
 from sim import ENVS, evaluate
@@ -121,4 +122,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with main_guard():
+        main()

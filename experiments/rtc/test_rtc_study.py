@@ -28,7 +28,7 @@ def test_the_sweep_runs_other_environments():
 def test_the_whole_study_is_one_command(tmp_path, monkeypatch):
     """Without a checkpoint the study trains the model plainly and with training-time RTC, then
     sweeps the three methods into one table, rtc.json and rtc.png; a second run reuses both."""
-    monkeypatch.chdir(tmp_path)  # the built-in demos land in ./runs/builtin_demos
+    monkeypatch.chdir(tmp_path)  # the built-in demos land in ./runs/builtin_demos_<N>
     argv = ["--out", str(tmp_path / "study"), "--delays", "0", "2", "--episodes", "3", "--steps", "2",
             "--chunk", "6", "--train-args", "--demo-episodes 12 --batch-size 4 --warmup 1"]
     study.main(argv)
