@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast_tokenizer import fast_to_paligemma
-from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, KVCache, discretize_state, make_attn_mask, make_positions
+from paligemma import (GEMMA_PRESETS, SIGLIP_PRESETS, KVCache, discretize_state, make_attn_mask, make_positions,
+                       random_batch)
 from pi0 import Pi0, Pi0Config, pad_tokens, posemb_sincos
 from pi0 import tokenize_prompt as tokenize_prompt_pi0
 
@@ -166,7 +167,7 @@ def tokenize_prompt(sp, prompt, state, max_len, discrete_state=True, condition=N
         return tokenize_prompt_pi0(sp, prompt, max_len, condition)
     clean = prompt.strip().replace("_", " ").replace("\n", " ")
     bins = discretize_state(np.asarray(state, dtype=np.float64))
-    return pad_tokens(sp.encode(prompt_text(clean, bins, condition), add_bos=True), max_len)
+    return pad_tokens(sp.encode(prompt_text(clean, bins, condition), add_bos=True), max_len, condition)
 
 
 def prompt_text(task, bins, condition=None):
@@ -204,3 +205,17 @@ def prompt_tokenizer(cfg, sp):
     discrete_state_input=False."""
     return lambda prompt, state, condition=None: tokenize_prompt(sp, prompt, state, cfg.max_token_len,
                                                                  cfg.discrete_state_input, condition)
+
+
+if __name__ == "__main__":
+    # Build the tiny pi0.5, compute its loss with and without discrete targets, sample a chunk.
+    torch.manual_seed(0)
+    cfg = CONFIGS["tiny"]
+    model = Pi05(cfg).eval()
+    batch = random_batch(cfg, B=2, actions=True)
+    print(f"params {sum(p.numel() for p in model.parameters()):,}; flow loss {model(batch)['loss'].item():.4f}")
+    batch["target_tokens"] = torch.randint(0, cfg.vocab_size, (2, 8))
+    batch["target_masks"] = torch.ones(2, 8, dtype=torch.bool)
+    losses = model(batch)
+    print(f"with 8 discrete targets: flow {losses['flow'].item():.4f}, ce {losses['ce'].item():.4f}")
+    print(f"sampled actions {tuple(model.sample_actions(batch, num_steps=10).shape)}")
