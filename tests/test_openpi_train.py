@@ -1,6 +1,6 @@
 """openpi's own training step as the judge of ours.
 
-Each folder under OPENPI_TRAIN_DIR (default: tests/openpi_train, copied from the shared fixture
+Each folder under OPENPI_TRAIN_DIR (default: tests/openpi_train, the fixture
 set) holds a few steps of openpi's JAX trainer on a tiny model for one of its TrainConfigs: the
 initial parameters in openpi's released layout (and the full initial tree with openpi's LoRA
 factors), the batches as they entered its loss, the noise, time and augmented images it drew, and
