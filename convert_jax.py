@@ -74,69 +74,76 @@ def mapping_table(model):
     """Rows (openpi path, our name(s), reshape). "{l}" marks a scanned per-layer weight.
 
     The rows depend on the model only through its structure: how many Gemma experts it has,
-    which of their norms are adaptive (pi0.5) and which top-level projections it owns.
+    which of their norms are adaptive (pi0.5), whether it carries openpi's LoRA leaves and which
+    top-level projections it owns.
     """
-    blk, attn = "PaliGemma/img/Transformer/encoderblock", "MultiHeadDotProductAttention_0"
-    rows = [  # SigLIP: big_vision ViT names -> ours
-        ("PaliGemma/img/embedding/kernel", "vision.patch_embed.weight", conv),
-        ("PaliGemma/img/embedding/bias", "vision.patch_embed.bias", same),
-        ("PaliGemma/img/pos_embedding", "vision.pos_embed", same),
-        (f"{blk}/LayerNorm_0/scale", "vision.blocks.{l}.norm1.weight", same),
-        (f"{blk}/LayerNorm_0/bias", "vision.blocks.{l}.norm1.bias", same),
-        (f"{blk}/{attn}/query/kernel", "vision.blocks.{l}.q_proj.weight", heads_in),
-        (f"{blk}/{attn}/query/bias", "vision.blocks.{l}.q_proj.bias", flat),
-        (f"{blk}/{attn}/key/kernel", "vision.blocks.{l}.k_proj.weight", heads_in),
-        (f"{blk}/{attn}/key/bias", "vision.blocks.{l}.k_proj.bias", flat),
-        (f"{blk}/{attn}/value/kernel", "vision.blocks.{l}.v_proj.weight", heads_in),
-        (f"{blk}/{attn}/value/bias", "vision.blocks.{l}.v_proj.bias", flat),
-        (f"{blk}/{attn}/out/kernel", "vision.blocks.{l}.o_proj.weight", heads_out),
-        (f"{blk}/{attn}/out/bias", "vision.blocks.{l}.o_proj.bias", same),
-        (f"{blk}/LayerNorm_1/scale", "vision.blocks.{l}.norm2.weight", same),
-        (f"{blk}/LayerNorm_1/bias", "vision.blocks.{l}.norm2.bias", same),
-        (f"{blk}/MlpBlock_0/Dense_0/kernel", "vision.blocks.{l}.fc1.weight", linear),
-        (f"{blk}/MlpBlock_0/Dense_0/bias", "vision.blocks.{l}.fc1.bias", same),
-        (f"{blk}/MlpBlock_0/Dense_1/kernel", "vision.blocks.{l}.fc2.weight", linear),
-        (f"{blk}/MlpBlock_0/Dense_1/bias", "vision.blocks.{l}.fc2.bias", same),
-        ("PaliGemma/img/Transformer/encoder_norm/scale", "vision.norm.weight", same),
-        ("PaliGemma/img/Transformer/encoder_norm/bias", "vision.norm.bias", same),
-        ("PaliGemma/img/head/kernel", "vision.head.weight", linear),
-        ("PaliGemma/img/head/bias", "vision.head.bias", same),
-        ("PaliGemma/llm/embedder/input_embedding", "llm.embed.weight", same),  # tied with logits
-    ]
+    rows = list(SIGLIP_ROWS) + [("PaliGemma/llm/embedder/input_embedding", "llm.embed.weight", same)]  # tied logits
     for e, final_norm in enumerate(model.llm.final_norms):
-        s = "" if e == 0 else f"_{e}"  # openpi suffixes the action expert's weights with _1
-        ours, src = f"llm.layers.{{l}}.experts.{e}", "PaliGemma/llm/layers"
-        rows += [
-            (f"{src}/attn/q_einsum{s}/w", f"{ours}.q_proj.weight", q_einsum),
-            (f"{src}/attn/kv_einsum{s}/w", (f"{ours}.k_proj.weight", f"{ours}.v_proj.weight"), kv_einsum),
-            (f"{src}/attn/attn_vec_einsum{s}/w", f"{ours}.o_proj.weight", heads_out),
-            (f"{src}/mlp{s}/gating_einsum", (f"{ours}.gate_proj.weight", f"{ours}.up_proj.weight"), gating),
-            (f"{src}/mlp{s}/linear", f"{ours}.down_proj.weight", linear),
-        ]
-        if isinstance(model.llm.layers[0].experts[e].q_proj, LoRALinear):  # openpi's LoRA leaves
-            for f in ("a", "b"):
-                rows += [
-                    (f"{src}/attn/q_einsum{s}/lora_{f}", f"{ours}.q_proj.lora_{f}", heads_t),
-                    (f"{src}/attn/kv_einsum{s}/lora_{f}", (f"{ours}.k_proj.lora_{f}", f"{ours}.v_proj.lora_{f}"),
-                     kv_heads_t),
-                    (f"{src}/attn/attn_vec_einsum{s}/lora_{f}", f"{ours}.o_proj.lora_{f}",
-                     flat_heads_a if f == "a" else heads_t),
-                    (f"{src}/mlp{s}/gating_einsum_lora_{f}", (f"{ours}.gate_proj.lora_{f}", f"{ours}.up_proj.lora_{f}"),
-                     gating_t),
-                    (f"{src}/mlp{s}/linear_lora_{f}", f"{ours}.down_proj.lora_{f}", one_t),
-                ]
-        norms = [(f"{src}/pre_attention_norm{s}", f"{ours}.attn_norm"),
-                 (f"{src}/pre_ffw_norm{s}", f"{ours}.mlp_norm"),
-                 (f"PaliGemma/llm/final_norm{s}", f"llm.final_norms.{e}")]
-        for jax_norm, our_norm in norms:
-            if final_norm.adaptive:  # pi0.5 adaRMS: a Dense cond -> 3W
-                rows += [(f"{jax_norm}/Dense_0/kernel", f"{our_norm}.dense.weight", linear),
-                         (f"{jax_norm}/Dense_0/bias", f"{our_norm}.dense.bias", same)]
-            else:  # plain RMSNorm: the raw scale, used as (1 + scale) in the forward
-                rows += [(f"{jax_norm}/scale", f"{our_norm}.scale", same)]
+        lora = isinstance(model.llm.layers[0].experts[e].q_proj, LoRALinear)
+        rows += expert_rows(e, final_norm.adaptive, lora)
     for name, module in model.named_children():  # top level: action_in_proj, state_proj, ...
         if isinstance(module, nn.Linear):
             rows += [(f"{name}/kernel", f"{name}.weight", linear), (f"{name}/bias", f"{name}.bias", same)]
+    return rows
+
+
+_BLK, _ATTN = "PaliGemma/img/Transformer/encoderblock", "MultiHeadDotProductAttention_0"
+SIGLIP_ROWS = [  # SigLIP: big_vision ViT names -> ours
+    ("PaliGemma/img/embedding/kernel", "vision.patch_embed.weight", conv),
+    ("PaliGemma/img/embedding/bias", "vision.patch_embed.bias", same),
+    ("PaliGemma/img/pos_embedding", "vision.pos_embed", same),
+    (f"{_BLK}/LayerNorm_0/scale", "vision.blocks.{l}.norm1.weight", same),
+    (f"{_BLK}/LayerNorm_0/bias", "vision.blocks.{l}.norm1.bias", same),
+    (f"{_BLK}/{_ATTN}/query/kernel", "vision.blocks.{l}.q_proj.weight", heads_in),
+    (f"{_BLK}/{_ATTN}/query/bias", "vision.blocks.{l}.q_proj.bias", flat),
+    (f"{_BLK}/{_ATTN}/key/kernel", "vision.blocks.{l}.k_proj.weight", heads_in),
+    (f"{_BLK}/{_ATTN}/key/bias", "vision.blocks.{l}.k_proj.bias", flat),
+    (f"{_BLK}/{_ATTN}/value/kernel", "vision.blocks.{l}.v_proj.weight", heads_in),
+    (f"{_BLK}/{_ATTN}/value/bias", "vision.blocks.{l}.v_proj.bias", flat),
+    (f"{_BLK}/{_ATTN}/out/kernel", "vision.blocks.{l}.o_proj.weight", heads_out),
+    (f"{_BLK}/{_ATTN}/out/bias", "vision.blocks.{l}.o_proj.bias", same),
+    (f"{_BLK}/LayerNorm_1/scale", "vision.blocks.{l}.norm2.weight", same),
+    (f"{_BLK}/LayerNorm_1/bias", "vision.blocks.{l}.norm2.bias", same),
+    (f"{_BLK}/MlpBlock_0/Dense_0/kernel", "vision.blocks.{l}.fc1.weight", linear),
+    (f"{_BLK}/MlpBlock_0/Dense_0/bias", "vision.blocks.{l}.fc1.bias", same),
+    (f"{_BLK}/MlpBlock_0/Dense_1/kernel", "vision.blocks.{l}.fc2.weight", linear),
+    (f"{_BLK}/MlpBlock_0/Dense_1/bias", "vision.blocks.{l}.fc2.bias", same),
+    ("PaliGemma/img/Transformer/encoder_norm/scale", "vision.norm.weight", same),
+    ("PaliGemma/img/Transformer/encoder_norm/bias", "vision.norm.bias", same),
+    ("PaliGemma/img/head/kernel", "vision.head.weight", linear),
+    ("PaliGemma/img/head/bias", "vision.head.bias", same),
+]
+
+
+def expert_rows(e, adaptive, lora):
+    """Gemma expert e's rows: attention, MLP, its norms (adaRMS Dense or a plain scale), and
+    openpi's LoRA factors when the model carries them."""
+    s = "" if e == 0 else f"_{e}"  # openpi suffixes the action expert's weights with _1
+    ours, src = f"llm.layers.{{l}}.experts.{e}", "PaliGemma/llm/layers"
+    rows = [
+        (f"{src}/attn/q_einsum{s}/w", f"{ours}.q_proj.weight", q_einsum),
+        (f"{src}/attn/kv_einsum{s}/w", (f"{ours}.k_proj.weight", f"{ours}.v_proj.weight"), kv_einsum),
+        (f"{src}/attn/attn_vec_einsum{s}/w", f"{ours}.o_proj.weight", heads_out),
+        (f"{src}/mlp{s}/gating_einsum", (f"{ours}.gate_proj.weight", f"{ours}.up_proj.weight"), gating),
+        (f"{src}/mlp{s}/linear", f"{ours}.down_proj.weight", linear),
+    ]
+    for f in ("a", "b") if lora else ():  # openpi's LoRA leaves
+        rows += [
+            (f"{src}/attn/q_einsum{s}/lora_{f}", f"{ours}.q_proj.lora_{f}", heads_t),
+            (f"{src}/attn/kv_einsum{s}/lora_{f}", (f"{ours}.k_proj.lora_{f}", f"{ours}.v_proj.lora_{f}"), kv_heads_t),
+            (f"{src}/attn/attn_vec_einsum{s}/lora_{f}", f"{ours}.o_proj.lora_{f}", flat_heads_a if f == "a" else heads_t),
+            (f"{src}/mlp{s}/gating_einsum_lora_{f}", (f"{ours}.gate_proj.lora_{f}", f"{ours}.up_proj.lora_{f}"),
+             gating_t),
+            (f"{src}/mlp{s}/linear_lora_{f}", f"{ours}.down_proj.lora_{f}", one_t),
+        ]
+    norms = [(f"{src}/pre_attention_norm{s}", f"{ours}.attn_norm"), (f"{src}/pre_ffw_norm{s}", f"{ours}.mlp_norm"),
+             (f"PaliGemma/llm/final_norm{s}", f"llm.final_norms.{e}")]
+    for jax_norm, our_norm in norms:
+        if adaptive:  # pi0.5 adaRMS: a Dense cond -> 3W
+            rows += [(f"{jax_norm}/Dense_0/kernel", f"{our_norm}.dense.weight", linear),
+                     (f"{jax_norm}/Dense_0/bias", f"{our_norm}.dense.bias", same)]
+        else:  # plain RMSNorm: the raw scale, used as (1 + scale) in the forward
+            rows += [(f"{jax_norm}/scale", f"{our_norm}.scale", same)]
     return rows
 
 

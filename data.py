@@ -52,9 +52,10 @@ from tqdm import tqdm
 import recipes
 import robots
 from cli import above, at_least, main_guard
+from episodes import DatasetView, as_uint8_image, check_finite
 from fast_targets import fit_tokenizer
 from fast_tokenizer import report
-from readers import DatasetView, as_uint8_image, check_finite, open_dataset
+from readers import open_dataset
 
 
 # ----------------------------------------------------------------------------------------------

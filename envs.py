@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from data import resize_with_pad
-from readers import require
+from episodes import require
 
 # ----------------------------------------------------------------------------------------------
 # Adapters for gym-pusht and gym-aloha: the same reset / step interface as tasks.ReachEnv

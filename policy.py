@@ -42,11 +42,12 @@ import models
 import plots
 import robots
 from cli import above, at_least, main_guard
+from episodes import check_finite
 from fast_universal import load_tokenizer
 from infer import CompiledSampler
 from loader import collate
 from pi0_fast import extract_actions
-from readers import check_finite, open_dataset
+from readers import open_dataset
 
 log = logging.getLogger("policy")
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import models
-from readers import DatasetView, as_uint8_image, check_finite, open_dataset
+from episodes import DatasetView, as_uint8_image, check_finite
+from readers import open_dataset
 
 # ----------------------------------------------------------------------------------------------
 # ALOHA's adapt_to_pi: the space of the ALOHA runtime -> the space pi's base models were trained in

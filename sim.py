@@ -29,11 +29,11 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import compute_norm_stats, save_norm_stats
 import pi05
+from cli import at_least, main_guard
+from data import compute_norm_stats, save_norm_stats
 from envs import (LIBERO_REPLAN_STEPS, LIBERO_SEED, LIBERO_TRIALS, AlohaEnv, LiberoEnv, OpenpiAlohaSim, PushTEnv,
                   libero_suite)
-from cli import at_least, main_guard
 from policy import Policy
 from readers import HDF5Dataset
 from tasks import DEMO_SEED, EVAL_SEED, FPS, ExpertPolicy, RandomPolicy, ReachEnv, record_demos, train_tokenizer

@@ -61,7 +61,8 @@ import pi05
 from loader import collate
 from paligemma import (GEMMA_PRESETS, SIGLIP_PRESETS, Gemma, GemmaConfig, SigLIP, SiglipConfig, embed_prefix,
                        load_state_strict, make_attn_mask, make_positions)
-from readers import DatasetView, HDF5Dataset, read_jsonl
+from episodes import DatasetView
+from readers import HDF5Dataset, read_jsonl
 
 BINS = 201
 
@@ -110,7 +111,7 @@ def bin_values(device=None):
 def episode_labels(ds):
     """(success (E,) bool, correction (E,) bool) from the dataset: HDF5 root attributes `success`
     / `correction`, or `success` / `correction` in a LeRobot dataset's episode metadata. A view
-    (readers.DatasetView) has its dataset's episodes."""
+    (episodes.DatasetView) has its dataset's episodes."""
     while isinstance(ds, DatasetView):
         ds = ds.dataset
     if isinstance(ds, HDF5Dataset):

@@ -18,6 +18,7 @@ import loader
 import models
 import readers
 import tasks
+from episodes import DatasetView
 from experiments.recap import recap
 
 
@@ -134,7 +135,7 @@ def test_advantages_are_written_as_the_datasets_prompt_conditions(tmp_path):
     assert wrapped[5]["condition"] == recap.indicator(positive) == f"Advantage: {'positive' if positive else 'negative'}"
 
 
-class Recording(readers.DatasetView):
+class Recording(DatasetView):
     def __init__(self, dataset):
         super().__init__(dataset)
         self.seen = set()
