@@ -27,7 +27,7 @@ import torch
 
 import models
 from cli import at_least, main_guard
-from paligemma import GemmaConfig, SiglipConfig, random_batch
+from paligemma import GemmaConfig, SiglipConfig, prefix_length, random_batch
 from pi0 import euler, euler_times
 
 
@@ -256,7 +256,7 @@ def bench(args):
     sampler = CompiledSampler(model, args.steps, dtype, args.compile, args.cuda_graph)
     first_ms, times = time_phases(sampler, batch, noise, args.iters)
     total = times.sum(1)
-    P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
+    P = prefix_length(cfg)
     flops, weights = model.cost(B, P, args.steps)
     wbytes = {k: w * (2 if dtype == torch.bfloat16 else 4) for k, w in weights.items()}
     med = dict(zip(("vision", "prefix", "denoise"), np.median(times, 0)))
@@ -317,7 +317,7 @@ def bench_fast(args, model, batch, settings, dtype, random_weights):
     prefill = float(np.median([run(1) for _ in range(args.iters)]))
     p50 = float(np.median(total))
     per_token = (p50 - prefill) / (N - 1)
-    P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
+    P = prefix_length(cfg)
     flops, weights = model.cost(args.batch, P, N - 1)  # the first token comes with the prefill
     decode_gflop = flops["decode"] / 1e9
     decode_mb = weights["decode"] * (2 if dtype == torch.bfloat16 else 4) / 1e6  # every weight and the cache, each token

@@ -103,6 +103,11 @@ class Batch(TypedDict, total=False):
     # unconditioned prompt (uncond_tokens / uncond_token_masks (B, L))
 
 
+def prefix_length(cfg):
+    """Tokens in a model's prefix: every camera's image patches, then the prompt budget."""
+    return len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
+
+
 def random_batch(cfg, B=2, seed=0, actions=True):
     """A random batch for a model config (tests, benchmarks): images in [-1, 1], prompts of
     random lengths, the last view of the last example missing; actions and their masks unless

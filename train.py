@@ -50,8 +50,9 @@ from checkpoints import data_fingerprint, latest_checkpoint, load_training_state
 from cli import main_guard
 from fast_tokenizer import FASTTokenizer, fast_vocab_room
 from fast_universal import load_tokenizer
-from lora import apply_openpi_lora, merged_state
 from loader import Loader, Mixture
+from lora import apply_openpi_lora, merged_state
+from paligemma import prefix_length
 from policy import Policy
 from readers import open_dataset
 
@@ -300,7 +301,7 @@ def estimate_mfu(model, cfg, batch, step_s, flops_peak=None):
         flops_peak = next((v for k, v in peak.items() if k in name), None)
     if flops_peak is None:
         return float("nan")
-    P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
+    P = prefix_length(cfg)
     flops, _ = model.cost(1, P, 1 if models.spec(cfg).flow else 0)
     return 3 * sum(flops.values()) * batch / step_s / flops_peak
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import models
 import recipes
 from infer import CompiledSampler, bench_config, fill_random_, time_phases, weight_bytes
-from paligemma import random_batch
+from paligemma import prefix_length, random_batch
 from pi0 import sample_noise_and_time
 from train import wrap
 from train_step import make_optimizer, optimizer_step
@@ -99,7 +99,7 @@ def flow_inference(name, args, device, dtype, peaks, budget):
     cfg = dataclasses.replace(bench_config(name, args.config), cameras=tuple(f"cam{i}" for i in range(3)))
     model = fill_random_(models.build_empty(cfg, dtype, device)).eval()
     batch, noise = inference_inputs(model, device)
-    P = 3 * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
+    P = prefix_length(cfg)
     flops, weights = model.cost(1, P, 10)
     out = {"params": models.count_params(model), "weights_mib": weight_bytes(model) / 2 ** 20}
     paths = [("eager", None, False)]
@@ -190,7 +190,7 @@ def training(args, device, peaks, budget):
     out = {}
     model = train_model(args, device)
     cfg = model.cfg
-    P = len(cfg.cameras) * (cfg.vision.image_size // cfg.vision.patch) ** 2 + cfg.max_token_len
+    P = prefix_length(cfg)
     flops_per_sample = 3 * sum(model.cost(1, P, 1)[0].values())
     sizes, B = [], 8 if device.type == "cuda" else 2
     while budget.fits(90) and len(sizes) < 6:  # doubling until out of memory (or of time)
