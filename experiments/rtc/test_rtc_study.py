@@ -25,14 +25,18 @@ def test_the_sweep_runs_other_environments():
     assert all(r["mean_length"] == 8 for r in rows) and rows[0]["mean_jump"] == pytest.approx(1.0)
 
 
-def test_the_whole_study_is_one_command(tmp_path, monkeypatch):
+@pytest.mark.parametrize("env", ["builtin", "catch"])
+def test_the_whole_study_is_one_command(env, tmp_path, monkeypatch):
     """Without a checkpoint the study trains the model plainly and with training-time RTC, then
-    sweeps the three methods into one table, rtc.json and rtc.png; a second run reuses both."""
-    monkeypatch.chdir(tmp_path)  # the built-in demos land in ./runs/builtin_demos_<N>
+    sweeps the three methods into one table, rtc.json and rtc.png; a second run reuses both. On
+    either built-in task: reach (env builtin) or the dynamic catch."""
+    monkeypatch.chdir(tmp_path)  # the built-in demos land in ./runs/<builtin|catch>_demos_<N>
     argv = ["--out", str(tmp_path / "study"), "--delays", "0", "2", "--episodes", "3", "--steps", "2",
-            "--chunk", "6", "--train-args", "--demo-episodes 12 --batch-size 4 --warmup 1"]
+            "--chunk", "6", "--env", env, "--train-args", "--demo-episodes 12 --batch-size 4 --warmup 1"]
     study.main(argv)
+    assert (tmp_path / "runs" / f"{env}_demos_12" / "tokenizer.model").exists()
     result = json.loads((tmp_path / "study" / "rtc.json").read_text())
+    assert result["env"] == env
     assert [(r["delay"], r["method"]) for r in result["rows"]] == [
         (0, "naive"), (0, "rtc"), (2, "naive"), (2, "rtc"), (0, "trained"), (2, "trained")]
     policy = json.loads((tmp_path / "study" / "trained" / "final" / "policy.json").read_text())
