@@ -152,17 +152,17 @@ class ReachEnv:
 # The table turns: every object circles the table's centre at CATCH_OMEGA radians a step, and the
 # turn reverses at random (probability CATCH_FLIP a step); the background's tint shows the way it
 # turns now (grey: anticlockwise, blue: clockwise), so one image tells where everything will be.
-# Two objects share the named colour and shape ("catch a red ball": either will do), and two
-# distractors do not. Success: the agent's centre stays on one of the two for CATCH_HOLD steps
-# in a row, within CATCH_MAX_STEPS. The expert picks one of the two at random and chases it.
+# Two objects share the named colour and shape ("catch a red ball": either will do), and a
+# distractor does not. Success: the agent's centre stays on one of the two for CATCH_HOLD steps
+# in a row, within CATCH_MAX_STEPS. The expert chases the one nearer to where the agent starts.
 # So stale actions cost (the turn may have reversed since the observation they were planned
 # from) and so does switching between chunks that chose differently (each switch wastes steps,
 # and the time limit leaves few to waste): what real-time chunking is for.
 
-CATCH_OMEGA, CATCH_FLIP = 0.1, 0.1   # radians a step (an object at radius 0.75 moves 0.075), reversal chance
+CATCH_OMEGA, CATCH_FLIP = 0.1, 0.15  # radians a step (an object at radius 0.7 moves 0.07), reversal chance
 CATCH_SPEED = 0.12                   # the agent's top speed here: faster than any object
-CATCH_RADIUS = 0.2
-CATCH_HOLD, CATCH_MAX_STEPS = 3, 20  # the demos' expert needs 10 steps on average, at most 17
+CATCH_RADIUS = OBJECT_RADIUS
+CATCH_HOLD, CATCH_MAX_STEPS = 3, 16  # the demos' expert needs 7 steps on average
 CATCH_TEMPLATES = ("catch a {}", "chase a {}", "intercept a {}")
 CLOCKWISE_BACKGROUND = (200, 215, 240)
 
@@ -190,21 +190,21 @@ class CatchEnv(ReachEnv):
 
     def reset(self, seed):
         rng = np.random.default_rng(seed)
-        colours = [str(c) for c in rng.choice(list(COLOURS), 3, replace=False)]
+        colours = [str(c) for c in rng.choice(list(COLOURS), 2, replace=False)]
         shape = str(rng.choice(SHAPES))
-        self.objects = [(colours[0], shape)] * 2 + [(c, str(rng.choice(SHAPES))) for c in colours[1:]]
+        self.objects = [(colours[0], shape)] * 2 + [(colours[1], str(rng.choice(SHAPES)))]
         while True:  # on a ring around the centre, well apart (turning together, they stay apart)
-            r, a = rng.uniform(0.3, 0.75, 4), rng.uniform(0, 2 * math.pi, 4)
+            r, a = rng.uniform(0.3, 0.7, 3), rng.uniform(0, 2 * math.pi, 3)
             self.positions = np.stack([r * np.cos(a), r * np.sin(a)], -1)
             gaps = np.linalg.norm(self.positions[:, None] - self.positions[None], axis=-1)
-            if gaps[np.triu_indices(4, 1)].min() >= 0.55:
+            if gaps[np.triu_indices(3, 1)].min() >= 0.65:
                 break
         while True:
             self.agent = rng.uniform(-0.9, 0.9, 2)
             if np.linalg.norm(self.positions - self.agent, axis=-1).min() >= 0.5:
                 break
         self.omega = CATCH_OMEGA * float(rng.choice([-1.0, 1.0]))
-        self.choice = int(rng.integers(2))  # the expert's pick of the two
+        self.choice = int(np.argmin(np.linalg.norm(self.positions[:2] - self.agent, axis=-1)))  # the nearer one
         self.prompt = str(rng.choice(CATCH_TEMPLATES)).format(f"{colours[0]} {shape}")
         self.rng = rng
         self.t, self.held = 0, 0

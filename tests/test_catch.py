@@ -32,7 +32,7 @@ def test_the_table_turns_reverses_and_shows_which_way():
     assert corner(env.observation()) == tasks.BACKGROUND
     env.omega = -tasks.CATCH_OMEGA
     assert corner(env.observation()) == tasks.CLOCKWISE_BACKGROUND
-    # two objects of the named colour and shape, two distractors of other colours
+    # two objects of the named colour and shape, a distractor of another colour
     assert env.objects[0] == env.objects[1] and " ".join(env.objects[0]) in obs["prompt"]
     assert {c for c, _ in env.objects[2:]}.isdisjoint({env.objects[0][0]})
     # reversals happen, at about CATCH_FLIP a step, reproducibly from the seed
@@ -44,7 +44,7 @@ def test_the_table_turns_reverses_and_shows_which_way():
             signs.append(np.sign(env.omega))
             env.step(env.agent)
         flips.append(int(np.sum(np.diff(signs) != 0)))
-    assert 0.05 < np.sum(flips) / (40 * (env.max_steps - 1)) < 0.15
+    assert 0.10 < np.sum(flips) / (40 * (env.max_steps - 1)) < 0.20
     assert env.reset(5)["prompt"] == env.reset(5)["prompt"]
 
 
