@@ -47,7 +47,7 @@ def draw_chart(draw, box, series, title="", log=False, xlim=None, ylim=None):
     for y in ticks(y0, y1):
         py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
         draw.line([(left - 3, py), (left, py)], fill="black")
-        draw.text((2 if left > 40 else left - 38, py - 6), label(10 ** y if log else y), fill="black")
+        draw.text((max(2, left - 40), py - 6), label(10 ** y if log else y), fill="black")  # left of its own axis
     for i, (name, xs, ys, colour, width) in enumerate(series):
         line = [to_xy(x, y) for x, y in zip(xs, ys) if y is not None and (y > 0 or not log)]
         if len(line) > 1:

@@ -59,7 +59,7 @@ def test_the_expert_catches_and_a_random_policy_does_not():
     assert wins >= 95
     expert = sim.evaluate(tasks.CatchExpertPolicy(chunk_size=10), "catch", 100, n_action_steps=1, progress=False)
     random = sim.evaluate(tasks.RandomPolicy(-1.0, 1.0, 2), "catch", 100, progress=False)
-    assert expert["success_rate"] >= 0.95 and random["success_rate"] <= 0.25, (expert, random["success_rate"])
+    assert expert["success_rate"] >= 0.95 and random["success_rate"] <= 0.35, (expert, random["success_rate"])
 
 
 def test_stale_actions_cost_success():
