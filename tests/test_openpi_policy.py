@@ -123,8 +123,11 @@ def test_aloha_requests_are_read_by_key_name(converted):
     folder, config, policy = converted
     if policy.robot != "aloha":
         pytest.skip("ALOHA only")
-    raw = raw_observation(np.load(os.path.join(folder, "cases.npz")), "case0/raw/", True)
-    cam = raw["images"]["cam_high"]
+    cases = np.load(os.path.join(folder, "cases.npz"))
+    first = sorted({k.split("/raw/")[0] for k in cases.files if "/raw/" in k})[0]  # whatever the folder calls it
+    raw = raw_observation(cases, f"{first}/raw/", True)
+    cam = raw["images"]["cam_high"]  # the camera every ALOHA request carries (openpi's AlohaInputs), CHW
+    raw = dict(raw, images={"cam_high": cam})
     hwc = dict(raw, images={"cam_high": np.moveaxis(cam, 0, -1)})
     unit = dict(raw, images={"cam_high": cam.astype(np.float32) / 255})
     ref = policy.model_inputs([raw])[0]["images"]
@@ -136,8 +139,9 @@ def test_aloha_requests_are_read_by_key_name(converted):
         policy.model_inputs([dict(raw, images={"cam_high": cam, "top": cam})])
     with pytest.raises(KeyError, match="lacks \\['cam_high'\\]"):
         policy.model_inputs([dict(raw, images={"cam_left_wrist": cam})])
-    with pytest.raises(ValueError, match="has 7 values, expected 14"):
-        policy.model_inputs([dict(raw, state=raw["state"][:7])])
+    width = len(raw["state"])
+    with pytest.raises(ValueError, match=f"has {width // 2} values, expected {width}"):
+        policy.model_inputs([dict(raw, state=raw["state"][: width // 2])])
     with pytest.raises(ValueError, match="state has NaN"):
         policy.model_inputs([dict(raw, state=np.full(14, np.nan))])
 
