@@ -178,8 +178,8 @@ def catch_plan(target, omega, steps):
     """The expert's next `steps` actions against an object at `target` that turns omega a step
     (no reversal foreseen): where the object will be 1, 2, ... steps ahead. Heading each step for
     the object's next place, an agent faster than any object closes in on it and then rides
-    along (as fast as intercepting it: 10 steps on average; and a chunk is the object's own path,
-    whatever the agent's place). -> (steps, 2)."""
+    along (as fast as aiming at the intercept point, measured, and simpler to learn: a chunk is
+    the object's own path, whatever the agent's place). -> (steps, 2)."""
     return rotate(np.asarray(target, np.float64), omega * np.arange(1, steps + 1))
 
 
