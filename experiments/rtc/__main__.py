@@ -3,6 +3,7 @@
     python -m experiments.rtc --out runs/rtc                        # the whole study (README.md)
     python -m experiments.rtc --env catch --out runs/rtc_catch      # the same on the dynamic task
     python -m experiments.rtc --checkpoint CKPT [--trained-checkpoint CKPT2] --env pusht --delays 0 1 2 3
+    python -m experiments.rtc --checkpoint CKPT --env catch --first-actions   # where its first chunks go
 
 Without --checkpoint it trains a pi0.5 on the built-in task (reach, or catch) twice (train.py in subprocesses,
 plainly and with training-time RTC: --rtc-max-delay max(delays) --rtc-prefix-share), then for
@@ -17,6 +18,8 @@ import shlex
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 import plots
@@ -24,7 +27,7 @@ from cli import main_guard
 from experiments import run_train
 from policy import Policy
 from sim import ENVS, evaluate
-from tasks import EVAL_SEED
+from tasks import CATCH_RADIUS, EVAL_SEED, CatchEnv, rotate
 
 
 def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=False, methods=None,
@@ -45,6 +48,29 @@ def rtc_sweep(policy, delays, episodes=100, beta=5.0, seed=EVAL_SEED, progress=F
                   f"({r['ci95'][0]:.0%}-{r['ci95'][1]:.0%}), mean length {r['mean_length']:.1f}, mean jump {jump}",
                   flush=True)
     return rows
+
+
+def first_actions(policy, scenes=100, samples=16, seed=EVAL_SEED):
+    """Where a policy's first chunk on the catch task goes: `samples` chunks for the first
+    observation of each of `scenes` unseen scenes, each first action counted by the object whose
+    next place is nearest it (the copy the expert chases, the other copy, the distractor) or
+    none within CATCH_RADIUS. -> shares of each and the mean distance to the chased copy's next
+    place when there. Tells a policy that picks between the copies from one that lands between
+    them."""
+    torch.manual_seed(seed)
+    counts, misses = dict(chased=0, other=0, distractor=0, none=0), []
+    for s in range(seed, seed + scenes):
+        env = CatchEnv()
+        obs = env.reset(s)
+        nexts = rotate(env.positions, env.omega)  # (3, 2): copies 0, 1 and the distractor, one step on
+        for action in np.asarray(policy.infer_batch([obs] * samples))[:, 0]:
+            dist = np.linalg.norm(nexts - action, axis=-1)
+            k = int(np.argmin(dist))
+            key = "none" if dist[k] > CATCH_RADIUS else "distractor" if k == 2 else "chased" if k == env.choice else "other"
+            counts[key] += 1
+            misses += [float(dist[k])] * (key == "chased")
+    n = scenes * samples
+    return {**{k: v / n for k, v in counts.items()}, "chased_miss": float(np.mean(misses)) if misses else None}
 
 
 def plot_sweep(rows, path):
@@ -78,6 +104,13 @@ def study(args):
         raise SystemExit(f"--env {args.env}: give --checkpoint (the study trains on the built-in tasks only: "
                          f"--env builtin or catch)")
     t0 = time.perf_counter()
+    if args.first_actions:
+        if args.checkpoint is None or args.env != "catch":
+            raise SystemExit("--first-actions: give --checkpoint and --env catch")
+        shares = first_actions(Policy(args.checkpoint, compiled=True), args.episodes)
+        print("first actions on catch: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if k != "chased_miss")
+              + f"; miss on the chased copy {shares['chased_miss']:.3f}")
+        return shares
     plain, trained = args.checkpoint, args.trained_checkpoint
     if plain is None:
         out = Path(args.out or "runs/rtc")
@@ -111,6 +144,8 @@ def main(argv=None):
     p.add_argument("--env", default="builtin", choices=list(ENVS), help="the environment of the sweep: builtin "
                    "(the reach task) and catch (the dynamic task) train their own models, others need --checkpoint")
     p.add_argument("--camera", default=None, help="the policy's camera name for the env's camera")
+    p.add_argument("--first-actions", action="store_true", help="catch: where the checkpoint's first chunks go "
+                   "(the copy the expert chases, the other, the distractor, none) on --episodes scenes, no sweep")
     p.add_argument("--out", default=None, help="folder for rtc.json and rtc.png (default: the checkpoint's, "
                    "or runs/rtc for the whole study)")
     st = p.add_argument_group("the whole study (no --checkpoint): train.py's settings for both models")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import experiments.rtc.__main__ as study
+from tasks import CatchExpertPolicy
 
 
 def test_the_sweep_runs_other_environments():
@@ -45,3 +46,17 @@ def test_the_whole_study_is_one_command(env, tmp_path, monkeypatch):
     stamp = (tmp_path / "study" / "plain" / "final" / "model.safetensors").stat().st_mtime_ns
     study.main(argv)  # resumes: nothing retrained
     assert (tmp_path / "study" / "plain" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_first_actions_tell_where_chunks_go():
+    """The catch diagnostic: the scripted expert's first actions all land on the copy it chases;
+    one that always heads for the table's centre lands on none."""
+    expert = study.first_actions(CatchExpertPolicy(chunk_size=4), scenes=20, samples=2)
+    assert expert["chased"] >= 0.95 and expert["chased_miss"] < 0.05, expert
+
+    class Centre:
+        def infer_batch(self, observations, noise=None):
+            return np.zeros((len(observations), 4, 2), np.float32)
+
+    assert study.first_actions(Centre(), scenes=20, samples=2)["none"] >= 0.9
+
