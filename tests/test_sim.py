@@ -19,16 +19,20 @@ def random_policy():
     return tasks.RandomPolicy(-1.0, 1.0, action_dim=2)
 
 
-def test_expert_solves_the_task_and_a_random_policy_does_not():
-    # the privileged expert that writes the demos
-    env, wins = tasks.ReachEnv(), 0
-    for seed in range(100):
+def expert_wins(env, seeds=range(100)):
+    """How many episodes the privileged expert (the one that writes the demos) wins on env."""
+    wins = 0
+    for seed in seeds:
         env.reset(seed)
         done = False
         while not done:
             _, success, done = env.step(env.expert_action())
         wins += success
-    assert wins >= 95
+    return wins
+
+
+def test_expert_solves_the_task_and_a_random_policy_does_not():
+    assert expert_wins(tasks.ReachEnv()) >= 95  # the privileged expert that writes the demos
     # the expert that sees only the observation, and a random policy, through evaluate()
     expert = sim.evaluate(tasks.ExpertPolicy(), "builtin", 100, progress=False)
     random = sim.evaluate(random_policy(), "builtin", 100, progress=False)

@@ -68,7 +68,8 @@ def first_actions(policy, scenes=100, samples=16, seed=EVAL_SEED):
             k = int(np.argmin(dist))
             key = "none" if dist[k] > CATCH_RADIUS else "distractor" if k == 2 else "chased" if k == env.choice else "other"
             counts[key] += 1
-            misses += [float(dist[k])] * (key == "chased")
+            if key == "chased":
+                misses.append(float(dist[k]))
     n = scenes * samples
     return {**{k: v / n for k, v in counts.items()}, "chased_miss": float(np.mean(misses)) if misses else None}
 
