@@ -4,6 +4,7 @@
     python -m experiments.recap advantages --value V [V1 ...] --data D [D ...]
     python -m experiments.recap collect --checkpoint P --episodes 500 --out rollouts
     python -m experiments.recap demo --out runs/recap [--seed S]
+    python -m experiments.recap diagnose --out runs/recap     # a finished demo's stages (diagnose.py)
 
 recap.py beside this file holds the method (rewards, the value function, advantages); README.md
 the measured tables and what they took.
@@ -22,6 +23,7 @@ import sim
 import tasks
 from cli import above, at_least, main_guard
 from experiments import run_train
+from experiments.recap import diagnose
 from experiments.recap.recap import (compute_advantages, episode_labels, load_value, train_value, value_separation,
                                      write_advantages)
 from policy import Policy
@@ -137,6 +139,8 @@ def cmd_demo(args):
     rollouts = out / "rollouts1"
     r = record_rollouts(Policy(recap1), rollouts, args.rollouts, seed=500_000, progress=False)
     print(f"rollouts of the RECAP policy: {r['successes']}/{r['episodes']} successful")
+    diagnosis = diagnose.stages(out, value1, Policy(recap1), args.n_steps, table)
+    print(diagnose.describe(diagnosis), flush=True)
     both = [demo_ds, open_dataset(rollouts, chunk_size=1)]
     value2 = [train_value(both, out / f"value2_fold{k}", steps=args.value_steps // 2, seed=args.seed + K + k,
                           init=out / f"value1_fold{k}", tokenizer=demos / "tokenizer.model",
@@ -155,8 +159,20 @@ def cmd_demo(args):
     print("\n".join(lines))
     minutes = (time.perf_counter() - t_start) / 60
     (out / "recap.md").write_text("\n".join(lines) + f"\n\n({minutes:.0f} min)\n")
-    (out / "recap.json").write_text(json.dumps(dict(rows=rows, value=separation, args=vars(args), minutes=minutes), indent=2))
+    (out / "recap.json").write_text(json.dumps(dict(rows=rows, value=separation, diagnosis=diagnosis, args=vars(args), minutes=minutes), indent=2))
     print(f"wrote {out / 'recap.md'}, {out / 'recap.json'}, {out / 'value.png'} in {minutes:.1f} min")
+
+
+def cmd_diagnose(args):
+    """A finished demo's stages (diagnose.py), from its value functions of iteration 1 and its
+    RECAP policy -> printed and written to diagnosis.json."""
+    out = Path(args.out)
+    folds = sorted(out.glob("value1_fold*"))
+    if not folds or not (out / "recap1" / "final").is_dir() or not (out / "rollouts1").is_dir():
+        raise FileNotFoundError(f"{out}: expected a finished demo (value1_fold*/, recap1/final/, rollouts1/)")
+    diagnosis = diagnose.stages(out, [load_value(f) for f in folds], Policy(out / "recap1" / "final"), args.n_steps)
+    print(diagnose.describe(diagnosis))
+    data.write_json(out / "diagnosis.json", diagnosis, indent=2)
 
 
 def cmd_value(args):
@@ -220,8 +236,12 @@ def main(argv=None):
     co.add_argument("--device", default="cpu")
     d = sub.add_parser("demo", help="the whole experiment on the built-in task, with the table")
     add_demo_args(d)
+    dg = sub.add_parser("diagnose", help="a finished demo's stages: value, labels, the policy's reading of the indicator")
+    dg.add_argument("--out", default="runs/recap", help="the demo's folder")
+    dg.add_argument("--n-steps", type=at_least(1), default=10, help="N of the N-step advantage (the demo's)")
     args = parser.parse_args(argv)
-    {"value": cmd_value, "advantages": cmd_advantages, "collect": cmd_collect, "demo": cmd_demo}[args.command](args)
+    {"value": cmd_value, "advantages": cmd_advantages, "collect": cmd_collect, "demo": cmd_demo,
+     "diagnose": cmd_diagnose}[args.command](args)
 
 
 if __name__ == "__main__":

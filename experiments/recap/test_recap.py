@@ -21,7 +21,7 @@ import tasks
 from paligemma import GEMMA_PRESETS, SIGLIP_PRESETS, make_attn_mask, make_positions
 from policy import Policy
 from episodes import DatasetView
-from experiments.recap import recap
+from experiments.recap import diagnose, recap
 
 
 def test_rewards_returns_and_bins_by_hand():
@@ -240,6 +240,45 @@ def test_pi0_and_pi05_train_with_the_indicator_and_sample_with_cfg(model, tmp_pa
     assert a1.shape == a3.shape == (1, policy.model.cfg.action_horizon, 2) and np.abs(a1 - a3).max() > 0
 
 
+def test_label_quality_counts_the_positive_frames_by_demonstrator(tmp_path):
+    tasks.record_demos(tmp_path / "d", 8, degraded=0.5, progress=False)
+    ds = readers.open_dataset(tmp_path / "d", chunk_size=1)
+    who = diagnose.behaviours(ds)
+    assert set(who) <= {"expert", "wrong", "wander"} and "expert" in who and set(who) - {"expert"}
+    lengths = (ds.ep_end - ds.ep_start).tolist()
+    # every expert frame but the last of each expert episode positive, and the first frame of every other episode
+    positive = {str(k): [t < n - 1 if w == "expert" else t == 0 for t in range(n)]
+                for k, w, n in zip(ds.episode_keys(), who, lengths)}
+    q = diagnose.label_quality({"episodes": {k: {"positive": v} for k, v in positive.items()}}, ds)
+    expert_frames = sum(n for w, n in zip(who, lengths) if w == "expert")
+    expert_eps, others = who.count("expert"), len(who) - who.count("expert")
+    assert q["recall"] == pytest.approx((expert_frames - expert_eps) / expert_frames)
+    assert q["purity"] == pytest.approx((expert_frames - expert_eps) / (expert_frames - expert_eps + others))
+    assert q["positive_share"]["expert"] == pytest.approx(q["recall"])
+
+
+class IndicatorReader:
+    """A scripted conditioned policy: the expert's actions when its prompt condition says
+    "positive", a corner of the table (on no object) otherwise."""
+    path, condition = "scripted", {"text": "Advantage: positive", "cfg_beta": 1.0}
+
+    def infer_batch(self, observations, noise=None):
+        if self.condition["text"] == recap.indicator(True):
+            return tasks.ExpertPolicy(chunk_size=2).infer_batch(observations)
+        return np.full((len(observations), 2, 2), 0.99, np.float32)
+
+
+def test_indicator_reading_tells_a_policy_that_acts_on_its_indicator():
+    policy = IndicatorReader()
+    shares = diagnose.indicator_reading(policy, scenes=20, samples=2)
+    assert shares["positive"]["named"] == 1.0 and shares["negative"]["none"] == 1.0
+    assert policy.condition["text"] == "Advantage: positive"  # served as before
+    assert "told positive 100%, told negative 0%" in diagnose.describe_reading(shares)
+    policy.condition = None
+    with pytest.raises(ValueError, match="not trained with a prompt condition"):
+        diagnose.indicator_reading(policy)
+
+
 def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
     """The demo at toy sizes: mixed demos, imitation, value, advantages, RECAP, CFG, own rollouts,
     a second iteration; the table, recap.json (with V's separation) and value.png."""
@@ -257,3 +296,12 @@ def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
     for d in ("data", "rollouts1"):  # advantages beside each dataset, the data untouched
         assert Path(data.conditions_path(out / d)).exists()
     assert len(list((out / "rollouts1").glob("episode_*.hdf5"))) == 4
+    stages = list(result["diagnosis"])
+    assert stages == ["value on the demos", "value on the policy's own rollouts (held out)",
+                      "advantage labels on the demos", "the RECAP policy's reading of the indicator"]
+    assert "purity" in res.stdout and "told positive" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "experiments.recap", "diagnose", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads((out / "diagnosis.json").read_text())
+    assert list(again) == stages and again["advantage labels on the demos"] == result["diagnosis"]["advantage labels on the demos"]
