@@ -2,6 +2,7 @@
 
     python -m experiments.rtc --out runs/rtc                        # the whole study (README.md)
     python -m experiments.rtc --env catch --out runs/rtc_catch      # the same on the dynamic task
+    python -m experiments.rtc --env catch --chunk 6 --delays 0 1 2 3 --out runs/rtc_catch6   # its best-learnt chunk
     python -m experiments.rtc --checkpoint CKPT [--trained-checkpoint CKPT2] --env pusht --delays 0 1 2 3
     python -m experiments.rtc --checkpoint CKPT --env catch --first-actions   # where its first chunks go
 
@@ -113,6 +114,10 @@ def study(args):
               + f"; miss on the chased copy {shares['chased_miss']:.3f}")
         return shares
     plain, trained = args.checkpoint, args.trained_checkpoint
+    if plain is None and 2 * max(max(args.delays), 1) > args.chunk:  # before the training, not after it
+        raise SystemExit(f"--chunk {args.chunk} --delays {' '.join(map(str, args.delays))}: d = {max(args.delays)} "
+                         f"needs a chunk of {2 * max(max(args.delays), 1)} or more (s = max(d, 1) actions run, then "
+                         f"d more while the next chunk is computed)")
     if plain is None:
         out = Path(args.out or "runs/rtc")
         common = ["--model", args.model, "--task", task, "--steps", args.steps, "--chunk", args.chunk, "--seed",

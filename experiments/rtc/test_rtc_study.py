@@ -48,6 +48,12 @@ def test_the_whole_study_is_one_command(env, tmp_path, monkeypatch):
     assert (tmp_path / "study" / "plain" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_a_chunk_too_short_for_the_delays_is_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="d = 4 needs a chunk of 8 or more"):
+        study.main(["--out", str(tmp_path / "study"), "--env", "catch", "--chunk", "6"])  # delays 0..4
+    assert not (tmp_path / "study").exists()
+
+
 def test_first_actions_tell_where_chunks_go():
     """The catch diagnostic: the scripted expert's first actions all land on the copy it chases;
     one that always heads for the table's centre lands on none."""
