@@ -159,7 +159,8 @@ def cmd_demo(args):
     print("\n".join(lines))
     minutes = (time.perf_counter() - t_start) / 60
     (out / "recap.md").write_text("\n".join(lines) + f"\n\n({minutes:.0f} min)\n")
-    (out / "recap.json").write_text(json.dumps(dict(rows=rows, value=separation, diagnosis=diagnosis, args=vars(args), minutes=minutes), indent=2))
+    (out / "recap.json").write_text(json.dumps(dict(rows=rows, value=separation, diagnosis=diagnosis, args=vars(args),
+                                                    minutes=minutes), indent=2))
     print(f"wrote {out / 'recap.md'}, {out / 'recap.json'}, {out / 'value.png'} in {minutes:.1f} min")
 
 

@@ -102,6 +102,13 @@ def describe_reading(shares):
             f"(on another object {pos['other']:.0%} / {neg['other']:.0%})")
 
 
+# each stage's name, as recap.json and diagnosis.json key it, and how it is said in one line
+STAGES = (("value on the demos", describe_value),
+          ("value on the policy's own rollouts (held out)", describe_value),
+          ("advantage labels on the demos", describe_labels),
+          ("the RECAP policy's reading of the indicator", describe_reading))
+
+
 def stages(out, value_fns, policy, n_steps=10, demo_table=None):
     """Every link of a demo run in `out` (its data/, rollouts1/ and the RECAP policy of iteration
     1): V on the demos it trained on and on the policy's own rollouts (other scenes, never seen by
@@ -109,15 +116,14 @@ def stages(out, value_fns, policy, n_steps=10, demo_table=None):
     demo_table: the demos' advantages when already computed with value_fns."""
     out = Path(out)
     demos, rollouts = (open_dataset(out / d, chunk_size=1) for d in ("data", "rollouts1"))
-    demo_table = demo_table or compute_advantages(value_fns, [demos], n_steps)[0]
+    if demo_table is None:
+        (demo_table,) = compute_advantages(value_fns, [demos], n_steps)
     (rollout_table,) = compute_advantages(value_fns, [rollouts], n_steps)
-    return {"value on the demos": value_separation([demo_table], [demos]),
-            "value on the policy's own rollouts (held out)": value_separation([rollout_table], [rollouts]),
-            "advantage labels on the demos": label_quality(demo_table, demos),
-            "the RECAP policy's reading of the indicator": indicator_reading(policy)}
+    found = (value_separation([demo_table], [demos]), value_separation([rollout_table], [rollouts]),
+             label_quality(demo_table, demos), indicator_reading(policy))
+    return {name: x for (name, _), x in zip(STAGES, found)}
 
 
 def describe(diagnosis):
     """The stages as lines, as the demo prints them."""
-    say = [describe_value, describe_value, describe_labels, describe_reading]
-    return "\n".join(f"{name}: {f(x)}" for f, (name, x) in zip(say, diagnosis.items()))
+    return "\n".join(f"{name}: {say(diagnosis[name])}" for name, say in STAGES)

@@ -299,6 +299,7 @@ def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
     stages = list(result["diagnosis"])
     assert stages == ["value on the demos", "value on the policy's own rollouts (held out)",
                       "advantage labels on the demos", "the RECAP policy's reading of the indicator"]
+    assert stages == [name for name, _ in diagnose.STAGES]
     assert "purity" in res.stdout and "told positive" in res.stdout
     res = subprocess.run([sys.executable, "-m", "experiments.recap", "diagnose", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)

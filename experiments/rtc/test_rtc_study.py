@@ -65,4 +65,3 @@ def test_first_actions_tell_where_chunks_go():
             return np.zeros((len(observations), 4, 2), np.float32)
 
     assert study.first_actions(Centre(), scenes=20, samples=2)["none"] >= 0.9
-
