@@ -83,8 +83,17 @@ def add_demo_args(p):
     p.add_argument("--degraded", type=float, default=0.4,
                    help="share of episodes by the degraded demonstrator (0.6 leaves fewer expert frames than the 30%% positive share)")
     p.add_argument("--steps", type=at_least(1), default=12000,
-                   help="policy training steps, imitation and RECAP alike (at 6000 the tiny pi0 does not yet ground "
-                        "the indicator on this data: RECAP with the true expert/degraded labels succeeds 29%%, at 12000 75%%)")
+                   help="imitation (SFT) training steps, and RECAP's under --recap-start scratch (at 6000 the tiny pi0 "
+                        "does not yet ground the indicator from scratch: with the true labels 29%%, at 12000 75%%)")
+    p.add_argument("--recap-start", default="imitation", choices=["imitation", "scratch"],
+                   help="the RECAP policy of iteration 1: fine-tuned from the imitation (SFT) policy with the indicator, "
+                        "beside a control fine-tuned the same without it (imitation), or trained from scratch for "
+                        "--steps (scratch: the indicator is read on some seeds only, see README)")
+    p.add_argument("--recap-steps", type=at_least(1), default=6000,
+                   help="--recap-start imitation: the fine-tuning steps of RECAP and of its control")
+    p.add_argument("--recap-lr", type=above(0), default=1e-3,
+                   help="--recap-start imitation: their peak learning rate, no warm-up (the imitation run's own "
+                        "peak; at 3e-4 RECAP reads the indicator far less, see README)")
     p.add_argument("--value-steps", type=at_least(1), default=2500)
     p.add_argument("--label-sigma", type=at_least(0.0, float), default=0.05,
                    help="the value function's HL-Gauss target spread (0: the paper's one-hot bin; see README)")
@@ -103,6 +112,22 @@ def add_demo_args(p):
     p.add_argument("--seed", type=int, default=0)
 
 
+def first_iteration(out, demos, imitation, args, rows):
+    """The RECAP policy of iteration 1 and its control, the table's imitation row(s).
+    --recap-start imitation (the default): both fine-tune the imitation (SFT) policy for
+    --recap-steps at --recap-lr on the same data, one with the indicator (RECAP), one without (the
+    control: imitation, same data, same steps), as pi*0.6 fine-tunes a task's SFT policy.
+    scratch: RECAP trains from scratch for --steps beside the imitation policy."""
+    if args.recap_start == "scratch":
+        rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
+        return train_policy(out / "recap1", [demos], args, "--steps", args.steps, "--conditions", 1)
+    rows[f"imitation, {args.steps} steps (where both fine-tunes start)"] = closed_loop(imitation, args.eval_episodes)
+    finetune = ("--steps", args.recap_steps, "--init", imitation, "--warmup", 0, "--lr", args.recap_lr)
+    control = train_policy(out / "imitation_more", [demos], args, *finetune)
+    rows["imitation (same data, same steps)"] = closed_loop(control, args.eval_episodes)
+    return train_policy(out / "recap1", [demos], args, *finetune, "--conditions", 1)
+
+
 def cmd_demo(args):
     """Mixed-quality demos -> imitation vs RECAP (beta 1, CFG) -> one more iteration on the
     policy's own rollouts. Prints the table; writes recap.json, recap.md and value.png."""
@@ -119,7 +144,6 @@ def cmd_demo(args):
         print(f"demos: {args.episodes} episodes, {ok} successful ({args.degraded:.0%} by a degraded demonstrator)")
     rows, demo_ds = {}, open_dataset(demos, chunk_size=1)
     imitation = train_policy(out / "imitation", [demos], args, "--steps", args.steps)
-    rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
     # the value function starts from the imitation policy's SigLIP + PaliGemma (pi*0.6 starts from a pretrained VLM)
     K = args.cross_fit
     fold = lambda k: (k, K) if K > 1 else None
@@ -133,7 +157,7 @@ def cmd_demo(args):
     print("value function: mean V over successful / failed episodes {:.3f} / {:.3f}; first frames {:.3f} / {:.3f}; "
           "last frames {:.3f} / {:.3f} (AUC {:.2f})".format(*(separation[k][w] for w in ("all", "first", "last")
                                                             for k in ("success", "failure")), separation["last_frame_auc"]))
-    recap1 = train_policy(out / "recap1", [demos], args, "--steps", args.steps, "--conditions", 1)
+    recap1 = first_iteration(out, demos, imitation, args, rows)
     rows["RECAP, beta = 1"] = closed_loop(recap1, args.eval_episodes)
     rows[f"RECAP, CFG beta = {args.cfg_beta:g}"] = closed_loop(recap1, args.eval_episodes, args.cfg_beta)
     rollouts = out / "rollouts1"

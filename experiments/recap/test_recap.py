@@ -3,6 +3,7 @@ cross-fitting, the time-aware value, advantages as the dataset's prompt conditio
 trained with the indicator, and the demo end to end at toy size. (The library's side, prompt
 conditions, their dropout and classifier-free guidance, is tested in tests/.)"""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -284,15 +285,19 @@ def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
     a second iteration; the table, recap.json (with V's separation) and value.png."""
     out = tmp_path / "recap"
     res = subprocess.run([sys.executable, "-m", "experiments.recap", "demo", "--out", str(out), "--episodes", "16", "--steps", "2",
-                          "--value-steps", "2", "--rollouts", "4", "--finetune-steps", "2", "--eval-episodes", "4"],
+                          "--value-steps", "2", "--rollouts", "4", "--finetune-steps", "2", "--eval-episodes", "4",
+                          "--recap-steps", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((out / "recap.json").read_text())
-    assert list(result["rows"]) == ["imitation (same data, same steps)", "RECAP, beta = 1", "RECAP, CFG beta = 2",
+    assert list(result["rows"]) == ["imitation, 2 steps (where both fine-tunes start)", "imitation (same data, same steps)",
+                                    "RECAP, beta = 1", "RECAP, CFG beta = 2",
                                     "RECAP, one more iteration (own rollouts), beta = 1"]
+    assert json.loads((out / "recap1" / "final" / "policy.json").read_text())["condition"]
+    assert "condition" not in json.loads((out / "imitation_more" / "final" / "policy.json").read_text())
     assert all(r["episodes"] == 4 for r in result["rows"].values())
     assert set(result["value"]) == {"success", "failure", "last_frame_auc"}
-    assert (out / "value.png").exists() and sum(line.startswith("| ") for line in (out / "recap.md").read_text().splitlines()) == 5
+    assert (out / "value.png").exists() and sum(line.startswith("| ") for line in (out / "recap.md").read_text().splitlines()) == 6
     for d in ("data", "rollouts1"):  # advantages beside each dataset, the data untouched
         assert Path(data.conditions_path(out / d)).exists()
     assert len(list((out / "rollouts1").glob("episode_*.hdf5"))) == 4
@@ -306,3 +311,25 @@ def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     again = json.loads((out / "diagnosis.json").read_text())
     assert list(again) == stages and again["advantage labels on the demos"] == result["diagnosis"]["advantage labels on the demos"]
+
+
+@pytest.mark.parametrize("start", ["imitation", "scratch"])
+def test_first_iteration_fine_tunes_recap_and_its_control_from_the_imitation_policy(start, tmp_path, monkeypatch):
+    """--recap-start imitation: RECAP and the control both start from the imitation policy, with the
+    same steps and learning rate, and differ only in the indicator; scratch: RECAP alone, from scratch."""
+    from experiments.recap import __main__ as demo
+    runs = {}
+    monkeypatch.setattr(demo, "train_policy", lambda out, datasets, args, *extra: runs.setdefault(out.name, extra) and out)
+    monkeypatch.setattr(demo, "closed_loop", lambda checkpoint, episodes, cfg_beta=None: checkpoint.name)
+    args = argparse.Namespace(recap_start=start, steps=12, recap_steps=6, recap_lr=3e-4, eval_episodes=1)
+    rows = {}
+    recap1 = demo.first_iteration(tmp_path, tmp_path / "data", tmp_path / "imitation", args, rows)
+    assert recap1 == tmp_path / "recap1"
+    if start == "scratch":
+        assert rows == {"imitation (same data, same steps)": "imitation"}
+        assert runs == {"recap1": ("--steps", 12, "--conditions", 1)}
+        return
+    assert rows == {"imitation, 12 steps (where both fine-tunes start)": "imitation",
+                    "imitation (same data, same steps)": "imitation_more"}
+    finetune = ("--steps", 6, "--init", tmp_path / "imitation", "--warmup", 0, "--lr", 3e-4)
+    assert runs == {"imitation_more": finetune, "recap1": finetune + ("--conditions", 1)}
