@@ -112,6 +112,13 @@ def add_demo_args(p):
     p.add_argument("--seed", type=int, default=0)
 
 
+def markdown_table(rows):
+    """{policy: closed_loop result} -> the table's lines (Markdown)."""
+    return ["| policy | success | 95% CI | mean length |", "|---|---|---|---|"] + [
+        f"| {name} | {x['successes']}/{x['episodes']} = {x['success_rate']:.1%} | "
+        f"{x['ci95'][0]:.1%}-{x['ci95'][1]:.1%} | {x['mean_length']:.1f} |" for name, x in rows.items()]
+
+
 def first_iteration(out, demos, imitation, args, rows):
     """The RECAP policy of iteration 1 and its control, the table's imitation row(s).
     --recap-start imitation (the default): both fine-tune the imitation (SFT) policy for
@@ -129,8 +136,9 @@ def first_iteration(out, demos, imitation, args, rows):
 
 
 def cmd_demo(args):
-    """Mixed-quality demos -> imitation vs RECAP (beta 1, CFG) -> one more iteration on the
-    policy's own rollouts. Prints the table; writes recap.json, recap.md and value.png."""
+    """Mixed-quality demos -> imitation (SFT) -> value -> RECAP vs its control, both fine-tuned
+    from it (beta 1, CFG) -> one more iteration on the RECAP policy's own rollouts. Prints the
+    table; writes recap.json, recap.md and value.png."""
     if args.cross_fit < 1:  # before an hour of training, not after
         raise ValueError(f"--cross-fit {args.cross_fit}: expected K >= 1 value functions")
     t_start, out = time.perf_counter(), Path(args.out)
@@ -176,10 +184,7 @@ def cmd_demo(args):
     recap2 = train_policy(out / "recap2", [demos, rollouts], args, "--steps", args.finetune_steps, "--conditions", 1,
                           "--init", recap1, "--warmup", 0, "--lr", args.finetune_lr)
     rows["RECAP, one more iteration (own rollouts), beta = 1"] = closed_loop(recap2, args.eval_episodes)
-    lines = ["| policy | success | 95% CI | mean length |", "|---|---|---|---|"]
-    for name, x in rows.items():
-        lines.append(f"| {name} | {x['successes']}/{x['episodes']} = {x['success_rate']:.1%} | "
-                     f"{x['ci95'][0]:.1%}-{x['ci95'][1]:.1%} | {x['mean_length']:.1f} |")
+    lines = markdown_table(rows)
     print("\n".join(lines))
     minutes = (time.perf_counter() - t_start) / 60
     (out / "recap.md").write_text("\n".join(lines) + f"\n\n({minutes:.0f} min)\n")
