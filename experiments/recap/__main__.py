@@ -39,6 +39,11 @@ def train_policy(out, datasets, args, *extra):
                          "--norm-stats", Path(datasets[0]) / "norm_stats.json", *extra)
 
 
+def finetune(init, steps, lr):
+    """train.py's flags that fine-tune a policy: from init's weights, no warm-up."""
+    return "--init", init, "--warmup", 0, "--lr", lr, "--steps", steps
+
+
 def closed_loop(checkpoint, episodes, cfg_beta=None):
     r = sim.evaluate(Policy(checkpoint, cfg_beta=cfg_beta), "builtin", episodes, tasks.EVAL_SEED, progress=False)
     return {k: r[k] for k in ("successes", "episodes", "success_rate", "ci95", "mean_length")}
@@ -129,10 +134,10 @@ def first_iteration(out, demos, imitation, args, rows):
         rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
         return train_policy(out / "recap1", [demos], args, "--steps", args.steps, "--conditions", 1)
     rows[f"imitation, {args.steps} steps (where both fine-tunes start)"] = closed_loop(imitation, args.eval_episodes)
-    finetune = ("--steps", args.recap_steps, "--init", imitation, "--warmup", 0, "--lr", args.recap_lr)
-    control = train_policy(out / "imitation_more", [demos], args, *finetune)
+    flags = finetune(imitation, args.recap_steps, args.recap_lr)
+    control = train_policy(out / "imitation_more", [demos], args, *flags)
     rows["imitation (same data, same steps)"] = closed_loop(control, args.eval_episodes)
-    return train_policy(out / "recap1", [demos], args, *finetune, "--conditions", 1)
+    return train_policy(out / "recap1", [demos], args, *flags, "--conditions", 1)
 
 
 def cmd_demo(args):
@@ -181,8 +186,8 @@ def cmd_demo(args):
               for k in range(K)]
     for path, t in zip([demos, rollouts], compute_advantages(value2, both, args.n_steps)):
         write_advantages(path, t)
-    recap2 = train_policy(out / "recap2", [demos, rollouts], args, "--steps", args.finetune_steps, "--conditions", 1,
-                          "--init", recap1, "--warmup", 0, "--lr", args.finetune_lr)
+    flags = finetune(recap1, args.finetune_steps, args.finetune_lr)
+    recap2 = train_policy(out / "recap2", [demos, rollouts], args, *flags, "--conditions", 1)
     rows["RECAP, one more iteration (own rollouts), beta = 1"] = closed_loop(recap2, args.eval_episodes)
     lines = markdown_table(rows)
     print("\n".join(lines))

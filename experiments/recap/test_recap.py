@@ -331,5 +331,5 @@ def test_first_iteration_fine_tunes_recap_and_its_control_from_the_imitation_pol
         return
     assert rows == {"imitation, 12 steps (where both fine-tunes start)": "imitation",
                     "imitation (same data, same steps)": "imitation_more"}
-    finetune = ("--steps", 6, "--init", tmp_path / "imitation", "--warmup", 0, "--lr", 3e-4)
+    finetune = ("--init", tmp_path / "imitation", "--warmup", 0, "--lr", 3e-4, "--steps", 6)
     assert runs == {"imitation_more": finetune, "recap1": finetune + ("--conditions", 1)}
