@@ -99,6 +99,9 @@ def add_demo_args(p):
     p.add_argument("--recap-lr", type=above(0), default=1e-3,
                    help="--recap-start imitation: their peak learning rate, no warm-up (the imitation run's own "
                         "peak; at 3e-4 RECAP reads the indicator far less, see README)")
+    p.add_argument("--condition-dropout", type=at_least(0.0, float), default=0.1,
+                   help="share of RECAP's training samples without the indicator (train.py's flag; the paper's 0.3 "
+                        "is read far less in a 6000-step fine-tune of the tiny policy, see README)")
     p.add_argument("--value-steps", type=at_least(1), default=2500)
     p.add_argument("--label-sigma", type=at_least(0.0, float), default=0.05,
                    help="the value function's HL-Gauss target spread (0: the paper's one-hot bin; see README)")
@@ -130,22 +133,30 @@ def first_iteration(out, demos, imitation, args, rows):
     --recap-steps at --recap-lr on the same data, one with the indicator (RECAP), one without (the
     control: imitation, same data, same steps), as pi*0.6 fine-tunes a task's SFT policy.
     scratch: RECAP trains from scratch for --steps beside the imitation policy."""
+    recap = ("--conditions", 1, "--condition-dropout", args.condition_dropout)
     if args.recap_start == "scratch":
         rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
-        return train_policy(out / "recap1", [demos], args, "--steps", args.steps, "--conditions", 1)
+        return train_policy(out / "recap1", [demos], args, "--steps", args.steps, *recap)
     rows[f"imitation, {args.steps} steps (where both fine-tunes start)"] = closed_loop(imitation, args.eval_episodes)
     flags = finetune(imitation, args.recap_steps, args.recap_lr)
     control = train_policy(out / "imitation_more", [demos], args, *flags)
     rows["imitation (same data, same steps)"] = closed_loop(control, args.eval_episodes)
-    return train_policy(out / "recap1", [demos], args, *flags, "--conditions", 1)
+    return train_policy(out / "recap1", [demos], args, *flags, *recap)
+
+
+def check_demo_args(args):
+    """What train.py would refuse only after the hour of training before it."""
+    if args.cross_fit < 1:
+        raise ValueError(f"--cross-fit {args.cross_fit}: expected K >= 1 value functions")
+    if not 0 <= args.condition_dropout < 1:
+        raise ValueError(f"--condition-dropout {args.condition_dropout}: expected a share in [0, 1)")
 
 
 def cmd_demo(args):
     """Mixed-quality demos -> imitation (SFT) -> value -> RECAP vs its control, both fine-tuned
     from it (beta 1, CFG) -> one more iteration on the RECAP policy's own rollouts. Prints the
     table; writes recap.json, recap.md and value.png."""
-    if args.cross_fit < 1:  # before an hour of training, not after
-        raise ValueError(f"--cross-fit {args.cross_fit}: expected K >= 1 value functions")
+    check_demo_args(args)
     t_start, out = time.perf_counter(), Path(args.out)
     demos = out / "data"
     if not (demos / "tokenizer.model").exists():
@@ -187,7 +198,8 @@ def cmd_demo(args):
     for path, t in zip([demos, rollouts], compute_advantages(value2, both, args.n_steps)):
         write_advantages(path, t)
     flags = finetune(recap1, args.finetune_steps, args.finetune_lr)
-    recap2 = train_policy(out / "recap2", [demos, rollouts], args, *flags, "--conditions", 1)
+    recap2 = train_policy(out / "recap2", [demos, rollouts], args, *flags, "--conditions", 1,
+                          "--condition-dropout", args.condition_dropout)
     rows["RECAP, one more iteration (own rollouts), beta = 1"] = closed_loop(recap2, args.eval_episodes)
     lines = markdown_table(rows)
     print("\n".join(lines))

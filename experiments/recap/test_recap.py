@@ -321,15 +321,30 @@ def test_first_iteration_fine_tunes_recap_and_its_control_from_the_imitation_pol
     runs = {}
     monkeypatch.setattr(demo, "train_policy", lambda out, datasets, args, *extra: runs.setdefault(out.name, extra) and out)
     monkeypatch.setattr(demo, "closed_loop", lambda checkpoint, episodes, cfg_beta=None: checkpoint.name)
-    args = argparse.Namespace(recap_start=start, steps=12, recap_steps=6, recap_lr=3e-4, eval_episodes=1)
+    args = argparse.Namespace(recap_start=start, steps=12, recap_steps=6, recap_lr=3e-4, eval_episodes=1,
+                              condition_dropout=0.1)
     rows = {}
     recap1 = demo.first_iteration(tmp_path, tmp_path / "data", tmp_path / "imitation", args, rows)
     assert recap1 == tmp_path / "recap1"
     if start == "scratch":
         assert rows == {"imitation (same data, same steps)": "imitation"}
-        assert runs == {"recap1": ("--steps", 12, "--conditions", 1)}
+        assert runs == {"recap1": ("--steps", 12, "--conditions", 1, "--condition-dropout", 0.1)}
         return
     assert rows == {"imitation, 12 steps (where both fine-tunes start)": "imitation",
                     "imitation (same data, same steps)": "imitation_more"}
     finetune = ("--init", tmp_path / "imitation", "--warmup", 0, "--lr", 3e-4, "--steps", 6)
-    assert runs == {"imitation_more": finetune, "recap1": finetune + ("--conditions", 1)}
+    assert runs == {"imitation_more": finetune, "recap1": finetune + ("--conditions", 1, "--condition-dropout", 0.1)}
+
+
+@pytest.mark.parametrize("setting, message", [(dict(condition_dropout=1.0), "expected a share in"),
+                                              (dict(cross_fit=0), "expected K >= 1")])
+def test_demo_refuses_bad_settings_before_training(setting, message, tmp_path, monkeypatch):
+    from experiments.recap import __main__ as demo
+    monkeypatch.setattr(demo, "train_policy", lambda *a: pytest.fail("trained before checking its settings"))
+    parser = argparse.ArgumentParser()
+    demo.add_demo_args(parser)
+    args = parser.parse_args(["--out", str(tmp_path)])
+    vars(args).update(setting)  # as a script calling cmd_demo may set them
+    with pytest.raises(ValueError, match=message):
+        demo.cmd_demo(args)
+    assert not (tmp_path / "data").exists()
