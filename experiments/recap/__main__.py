@@ -44,6 +44,11 @@ def finetune(init, steps, lr):
     return "--init", init, "--warmup", 0, "--lr", lr, "--steps", steps
 
 
+def conditioned(args):
+    """train.py's flags that train with RECAP's indicator, dropped for --condition-dropout of the samples."""
+    return "--conditions", 1, "--condition-dropout", args.condition_dropout
+
+
 def closed_loop(checkpoint, episodes, cfg_beta=None):
     r = sim.evaluate(Policy(checkpoint, cfg_beta=cfg_beta), "builtin", episodes, tasks.EVAL_SEED, progress=False)
     return {k: r[k] for k in ("successes", "episodes", "success_rate", "ci95", "mean_length")}
@@ -133,15 +138,14 @@ def first_iteration(out, demos, imitation, args, rows):
     --recap-steps at --recap-lr on the same data, one with the indicator (RECAP), one without (the
     control: imitation, same data, same steps), as pi*0.6 fine-tunes a task's SFT policy.
     scratch: RECAP trains from scratch for --steps beside the imitation policy."""
-    recap = ("--conditions", 1, "--condition-dropout", args.condition_dropout)
     if args.recap_start == "scratch":
         rows["imitation (same data, same steps)"] = closed_loop(imitation, args.eval_episodes)
-        return train_policy(out / "recap1", [demos], args, "--steps", args.steps, *recap)
+        return train_policy(out / "recap1", [demos], args, "--steps", args.steps, *conditioned(args))
     rows[f"imitation, {args.steps} steps (where both fine-tunes start)"] = closed_loop(imitation, args.eval_episodes)
     flags = finetune(imitation, args.recap_steps, args.recap_lr)
     control = train_policy(out / "imitation_more", [demos], args, *flags)
     rows["imitation (same data, same steps)"] = closed_loop(control, args.eval_episodes)
-    return train_policy(out / "recap1", [demos], args, *flags, *recap)
+    return train_policy(out / "recap1", [demos], args, *flags, *conditioned(args))
 
 
 def check_demo_args(args):
@@ -198,8 +202,7 @@ def cmd_demo(args):
     for path, t in zip([demos, rollouts], compute_advantages(value2, both, args.n_steps)):
         write_advantages(path, t)
     flags = finetune(recap1, args.finetune_steps, args.finetune_lr)
-    recap2 = train_policy(out / "recap2", [demos, rollouts], args, *flags, "--conditions", 1,
-                          "--condition-dropout", args.condition_dropout)
+    recap2 = train_policy(out / "recap2", [demos, rollouts], args, *flags, *conditioned(args))
     rows["RECAP, one more iteration (own rollouts), beta = 1"] = closed_loop(recap2, args.eval_episodes)
     lines = markdown_table(rows)
     print("\n".join(lines))
