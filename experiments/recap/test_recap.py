@@ -295,6 +295,10 @@ def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
                                     "RECAP, one more iteration (own rollouts), beta = 1"]
     assert json.loads((out / "recap1" / "final" / "policy.json").read_text())["condition"]
     assert "condition" not in json.loads((out / "imitation_more" / "final" / "policy.json").read_text())
+    for run in ("recap1", "recap2"):  # both iterations train with the indicator, dropped for the demo's 10%
+        last = max((out / run / "checkpoints").glob("step_*"))
+        trained = torch.load(last / "train_state.pt", map_location="cpu", weights_only=False)["args"]
+        assert (trained["conditions"], trained["condition_dropout"]) == (1, 0.1), run
     assert all(r["episodes"] == 4 for r in result["rows"].values())
     assert set(result["value"]) == {"success", "failure", "last_frame_auc"}
     assert (out / "value.png").exists() and sum(line.startswith("| ") for line in (out / "recap.md").read_text().splitlines()) == 6
