@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import checkpoints
 import data
 import loader
 import models
@@ -296,7 +297,7 @@ def test_the_demo_runs_the_whole_loop_in_one_command(tmp_path):
     assert json.loads((out / "recap1" / "final" / "policy.json").read_text())["condition"]
     assert "condition" not in json.loads((out / "imitation_more" / "final" / "policy.json").read_text())
     for run in ("recap1", "recap2"):  # both iterations train with the indicator, dropped for the demo's 10%
-        last = max((out / run / "checkpoints").glob("step_*"))
+        last = Path(checkpoints.latest_checkpoint(out / run / "checkpoints"))
         trained = torch.load(last / "train_state.pt", map_location="cpu", weights_only=False)["args"]
         assert (trained["conditions"], trained["condition_dropout"]) == (1, 0.1), run
     assert all(r["episodes"] == 4 for r in result["rows"].values())
