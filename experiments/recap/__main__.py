@@ -101,9 +101,10 @@ def add_demo_args(p):
                         "--steps (scratch: the indicator is read on some seeds only, see README)")
     p.add_argument("--recap-steps", type=at_least(1), default=6000,
                    help="--recap-start imitation: the fine-tuning steps of RECAP and of its control")
-    p.add_argument("--recap-lr", type=above(0), default=1e-3,
-                   help="--recap-start imitation: their peak learning rate, no warm-up (the imitation run's own "
-                        "peak; at 3e-4 RECAP reads the indicator far less, see README)")
+    p.add_argument("--recap-lr", type=above(0), default=2e-3,
+                   help="--recap-start imitation: their peak learning rate, no warm-up (twice the imitation run's "
+                        "peak: at 1e-3 a fine-tune from an SFT policy that ignores its prompt may never read the "
+                        "indicator, at 3e-4 RECAP reads it far less; see README)")
     p.add_argument("--condition-dropout", type=at_least(0.0, float), default=0.1,
                    help="share of RECAP's training samples without the indicator (train.py's flag; the paper's 0.3 "
                         "is read far less in a 6000-step fine-tune of the tiny policy, see README)")
